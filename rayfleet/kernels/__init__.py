@@ -1,0 +1,65 @@
+"""Kernel registry: every op has a torch reference backend and optional fast backends.
+
+An op is looked up by name and backend (``get("paged_attention", "torch")``). The reference
+("torch") backend runs on CPU and CUDA and is the oracle every fast backend is tested against.
+Backends register themselves on import of their module; a fast backend whose dependencies do not
+import on this machine simply never registers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+REFERENCE = "torch"
+
+_REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
+_PREFERENCE: dict[str, list[str]] = {}
+
+
+def register(op: str, backend: str, *, priority: int = 0) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend`` for ``op``; higher priority is preferred."""
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        prefs = _PREFERENCE.setdefault(op, [])
+        prefs.append(backend)
+        prefs.sort(key=lambda b: -getattr(_REGISTRY[op][b], "_priority", 0))
+        return fn
+
+    def with_priority(fn: Callable) -> Callable:
+        fn._priority = priority  # type: ignore[attr-defined]
+        return deco(fn)
+
+    return with_priority
+
+
+def backends(op: str) -> list[str]:
+    _load_builtin()
+    return list(_PREFERENCE.get(op, []))
+
+
+def get(op: str, backend: str | None = None) -> Callable[..., Any]:
+    """The implementation of ``op``: ``backend`` if given, else the highest-priority one."""
+    _load_builtin()
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no kernel registered for op {op!r}; known ops: {sorted(_REGISTRY)}")
+    if backend is None:
+        backend = _PREFERENCE[op][0]
+    if backend not in impls:
+        raise ValueError(
+            f"attention backend {backend!r} is not available for {op!r}; available: {sorted(impls)}"
+        )
+    return impls[backend]
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from rayfleet.kernels import attention_ref  # noqa: F401  (registers the torch reference)

@@ -1,0 +1,116 @@
+"""Request state as the scheduler sees it. Pure Python."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayfleet.hashing import BlockHash, hash_blocks, root_hash
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.value if self.finished else None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    The single quantity that drives scheduling is ``num_computed_tokens``: how many tokens of
+    ``all_token_ids`` (prompt, then verified outputs, then this step's draft tokens) have their KV in
+    the cache. Prefill, chunked prefill, prefix-cache hits, resumption after preemption and
+    speculative verification all reduce to "compute tokens [num_computed_tokens, num_tokens)".
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling_params: Any = None  # opaque to the scheduler; handed to the runner
+    eos_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
+    min_tokens: int = 0
+    tenant: str | None = None
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    # Draft tokens to verify this step; never hashed, never counted as output.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    # Prompt tokens served from the prefix cache at first scheduling (-1 until then).
+    num_cached_tokens: int = -1
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    # Hash chain over the full blocks of verified tokens, extended lazily by the KV cache manager.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Verified tokens: prompt + outputs (draft tokens excluded)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return self.num_tokens + len(self.spec_token_ids)
+
+    def token_id(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        if i < p:
+            return self.prompt_token_ids[i]
+        i -= p
+        if i < len(self.output_token_ids):
+            return self.output_token_ids[i]
+        return self.spec_token_ids[i - len(self.output_token_ids)]
+
+    def token_ids_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs + drafts."""
+        seq = self.prompt_token_ids + self.output_token_ids + self.spec_token_ids
+        return seq[start:end]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def update_block_hashes(self, block_size: int, seed: int) -> list[BlockHash]:
+        """Extend ``block_hashes`` to cover every full block of verified tokens."""
+        n_full = self.num_tokens // block_size
+        if len(self.block_hashes) < n_full:
+            start = len(self.block_hashes)
+            parent = self.block_hashes[-1] if start else root_hash(seed, self.tenant)
+            self.block_hashes.extend(
+                hash_blocks(
+                    self.all_token_ids[: n_full * block_size],
+                    block_size,
+                    parent=parent,
+                    start_block=start,
+                )
+            )
+        return self.block_hashes
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
