@@ -45,13 +45,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
 def run_hf(
     arch, prompts: list[list[int]], output_len: int, device: str, seed: int, model_dir: str | None
 ) -> dict[str, Any]:
     from transformers import GenerationConfig
 
-    model = _build(arch, device, seed, model_dir)
+    # No inference_mode here: generate_batch works on a background thread outside it and must
+    # be able to update tensors created during set-up.
+    with torch.no_grad():
+        model = _build(arch, device, seed, model_dir)
     if len(prompts) == 1:
         ids = torch.tensor(prompts, device=device)
         kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)

@@ -63,3 +63,4 @@ def _load_builtin() -> None:
         return
     _loaded = True
     from rayfleet.kernels import attention_ref  # noqa: F401  (registers the torch reference)
+    from rayfleet.kernels import attention_sdpa  # noqa: F401  (stock-torch fast path)

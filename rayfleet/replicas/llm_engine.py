@@ -262,6 +262,8 @@ class Engine:
         if finished:
             metrics["finished_time"] = now
             self._tracked.pop(req.request_id, None)
+        # take_delta(finished=True) flushes a held-back tail into output_text: call it first.
+        new_text = tr.detok.take_delta(finished=finished) if tr.detok is not None else ""
         return RequestOutput(
             request_id=req.request_id,
             prompt=tr.prompt,
@@ -272,7 +274,7 @@ class Engine:
             finish_reason=req.status.finish_reason if finished else None,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             new_token_ids=new_ids,
-            new_text=tr.detok.take_delta(finished=finished) if tr.detok is not None else "",
+            new_text=new_text,
             logprobs=list(tr.logprobs) if tr.logprobs is not None else None,
             stop_reason=tr.stop_reason,
             metrics=metrics,

@@ -79,10 +79,12 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        # Zeroed, not empty: padded/masked positions are multiplied by zero weights, and stale
+        # NaN bit patterns in never-written slots would turn 0 * NaN into NaN.
         self.kv_caches = [
             (
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
             )
             for _ in range(self.arch.num_layers)
         ]

@@ -1,0 +1,42 @@
+"""On the GPU host: engine greedy output in fp32 on CUDA equals transformers fp32 on CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rayfleet import LLM, SamplingParams
+from tests.model_factory import make_tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(20, 57)), [3], list(range(100, 116))]
+
+
+@pytest.mark.parametrize("arch, kw", [
+    ("llama", {"num_kv_heads": 2}),
+    ("mistral", {"sliding_window": 8}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("qwen3", {"head_dim": 32}),
+])
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_greedy_fp32_cuda_matches_transformers(tmp_path: Path, arch, kw, backend) -> None:
+    model_dir = make_tiny_model(tmp_path / arch, arch, **kw)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    ref = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = torch.tensor([p], device="cuda")
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                              min_new_tokens=10, do_sample=False, pad_token_id=0)
+            ref.append(out[0, len(p):].tolist())
+    llm = LLM(str(model_dir), dtype="float32", device="cuda", attention_backend=backend,
+              gpu_memory_utilization=0.2)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert [o.token_ids for o in outs] == ref
