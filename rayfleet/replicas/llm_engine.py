@@ -84,7 +84,11 @@ class Engine:
             self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer_path)
             self.eos_token_ids = load_eos_token_ids(mc.model, self.tokenizer, self.arch)
             self.model = load_model(
-                mc.model, dtype=self.dtype, device=self.device, show_progress=config.show_progress
+                mc.model,
+                dtype=self.dtype,
+                device=self.device,
+                show_progress=config.show_progress,
+                max_positions=mc.max_model_len,
             )
         else:
             self.arch = model.arch
