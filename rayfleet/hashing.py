@@ -7,7 +7,8 @@ A prompt is cut into full blocks of ``block_size`` token ids. Block ``i`` is ide
 so a hash names the whole prefix up to and including its block, not just the block's own tokens.
 Only full blocks are hashed; the partial tail block never is. The digest depends only on the token
 ids, ``seed`` and ``tenant`` (little-endian encoding, no Python ``hash()``), so the same
-prompt gives the same chain in every process and on every machine, and two tenants never share a chain.
+prompt gives the same chain in every process and on every machine, and two tenants never share
+a chain.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 CORPUS = [
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n"
+    "    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "The quick brown fox jumps over the lazy dog. Hello world! Привет мир. こんにちは世界 🙂",
     "import os\nimport sys\nprint('hello, world')\nclass Foo:\n    pass\n",
     "Ünïcödé façade naïve café — “quotes” and ‘more’ … 北京 東京 서울",

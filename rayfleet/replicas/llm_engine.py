@@ -1,4 +1,5 @@
-"""LLM engine (kept apart from the pure-Python ``engine/`` package): add_request / step / abort over one model replica; AsyncEngine for streaming.
+"""LLM engine over one model replica (apart from the pure-Python ``engine/`` package):
+add_request / step / abort, and AsyncEngine for streaming.
 
 step():  schedule() -> runner.execute() -> scheduler.update() -> detokenize, stop strings
 """
@@ -69,7 +70,8 @@ class _Tracked:
 
 class Engine:
     """One replica's engine. ``model`` (with its ``arch``) may be passed prebuilt, e.g. random
-    weights of a real shape for benchmarks; then there is no tokenizer and outputs carry ids only."""
+    weights of a real shape for benchmarks; then there is no tokenizer and outputs carry ids
+    only."""
 
     def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None) -> None:
         self.config = config

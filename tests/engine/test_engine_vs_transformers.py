@@ -88,7 +88,8 @@ def test_greedy_matches_transformers(tmp_path: Path, name: str) -> None:
         # Prompts beyond the original 32 positions exercise the dynamic scaling itself.
         prompts = [list(range(10, 50)), [7, 8, 9]]
     ref = hf_greedy(model_dir, prompts, MAX_NEW)
-    llm = LLM(str(model_dir), dtype="float32", max_model_len=128 if name == "llama-dynamic" else None)
+    max_len = 128 if name == "llama-dynamic" else None
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=max_len)
     outs = llm.generate(prompts, GREEDY)
     for p, o, r in zip(prompts, outs, ref):
         assert o.token_ids == r, f"{name}: prompt of {len(p)} tokens diverged"

@@ -9,6 +9,20 @@ from typing import Any
 from rayfleet.hashing import BlockHash, hash_blocks, root_hash
 
 
+def max_num_spec_tokens(
+    num_tokens: int, num_output_tokens: int, max_tokens: int, max_model_len: int
+) -> int:
+    """Most draft tokens a request may carry into its next step.
+
+    Verifying d drafts computes positions up to ``num_tokens + d - 1`` and can yield d + 1 tokens
+    (all accepted + the bonus). Without speculation the last position ever computed is
+    ``max_model_len - 2`` and at most ``max_tokens`` outputs are made, so d is capped to keep both:
+    ``num_tokens + d <= max_model_len - 1`` and ``num_output_tokens + d + 1 <= max_tokens``.
+    Shared by the scheduler (trims proposals) and the runner (never drafts past it).
+    """
+    return max(0, min(max_model_len - 1 - num_tokens, max_tokens - num_output_tokens - 1))
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -35,8 +49,8 @@ class Request:
     """One generation request.
 
     The single quantity that drives scheduling is ``num_computed_tokens``: how many tokens of
-    ``all_token_ids`` (prompt, then verified outputs, then this step's draft tokens) have their KV in
-    the cache. Prefill, chunked prefill, prefix-cache hits, resumption after preemption and
+    the token list (prompt, then verified outputs, then this step's draft tokens) have their KV
+    in the cache. Prefill, chunked prefill, prefix-cache hits, resumption after preemption and
     speculative verification all reduce to "compute tokens [num_computed_tokens, num_tokens)".
     """
 
