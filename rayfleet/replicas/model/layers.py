@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayfleet import kernels
 from rayfleet.replicas import parallel
 from rayfleet.replicas.model.forward import ForwardBatch
 
@@ -218,35 +219,49 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with transformers' numerics: normalize in float32, cast back, then scale by weight.
+    """RMSNorm with transformers' numerics (the "rms_norm" kernel op; see kernels/ops_ref.py).
 
     ``forward(x, residual)`` is the fused pre-norm form: it returns ``(norm(x + residual), x +
     residual)`` with the add done in the model dtype, as the unfused decoder layer does it.
     """
+
+    kernel_backend = kernels.REFERENCE  # swapped per instance by use_kernel_backend()
 
     def __init__(self, hidden_size: int, eps: float, *, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = _param((hidden_size,), dtype, default_weight_loader)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return self._norm(x)
-        x = residual + x
-        return self._norm(x), x
+            return kernels.get("rms_norm", self.kernel_backend)(x, self.weight, self.eps)
+        return kernels.get("fused_add_rms_norm", self.kernel_backend)(
+            x, residual, self.weight, self.eps
+        )
 
 
 class SiluAndMul(nn.Module):
+    kernel_backend = kernels.REFERENCE
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, 2 * d] -> [T, d]
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return kernels.get("silu_and_mul", self.kernel_backend)(x)
+
+
+def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
+    """Swap every kernel-backed layer of ``model`` to ``backend`` where it has the op.
+
+    Returns the ops swapped. Layers whose op the backend lacks keep the reference.
+    """
+    swapped = set()
+    ops = {RMSNorm: ("rms_norm", "fused_add_rms_norm"), SiluAndMul: ("silu_and_mul",)}
+    for module in model.modules():
+        names = ops.get(type(module))
+        if names and all(backend in kernels.backends(op) for op in names):
+            module.kernel_backend = backend
+            swapped.update(names)
+    return sorted(swapped)
 
 
 class Attention(nn.Module):
