@@ -8,6 +8,7 @@ import on this machine simply never registers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -62,5 +63,11 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from rayfleet.kernels import attention_ref  # noqa: F401  (registers the torch reference)
+    # torch references of attention / KV write and of the fused ops (norm, SiLU, RoPE)
+    from rayfleet.kernels import attention_ref, ops_ref  # noqa: F401
+
+    # Triton backends register as "triton" with the same priority as "torch", which registered
+    # first and so stays the default; the runner asks for "triton" explicitly on CUDA.
+    with contextlib.suppress(ImportError):  # no triton on this machine: the references serve
+        from rayfleet.kernels import triton_attention, triton_ops  # noqa: F401
     from rayfleet.kernels import attention_sdpa  # noqa: F401  (stock-torch fast path)

@@ -1,0 +1,94 @@
+"""Torch references for the fused elementwise ops (backend "torch"); the oracle of triton_ops.
+
+Numerics follow the model layers exactly (``replicas/model/layers.py`` RMSNorm / SiluAndMul and
+``rotary.apply_rotary``); tests check that equality bit for bit:
+
+    rms_norm            h = x.float(); h = h * rsqrt(mean(h^2) + eps); out = weight * h.to(x.dtype)
+    fused_add_rms_norm  new_residual = residual + x (model dtype); out = rms_norm(new_residual)
+    silu_and_mul        gate, up = x.chunk(2, -1); out = silu(gate) * up (model dtype)
+    rotary_embedding    x * cos + rotate_half(x) * sin, rotate-half convention, model dtype
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rayfleet.kernels import register
+
+
+@register("rms_norm", "torch")
+def rms_norm(
+    x: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:  # [..., hidden]
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@register("fused_add_rms_norm", "torch")
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [..., hidden]
+    residual: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new_residual), both [..., hidden]
+    """``(rms_norm(residual + x), residual + x)``; out of place (inputs are not modified)."""
+    new_residual = residual + x
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+@register("silu_and_mul", "torch")
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+@register("rotary_embedding", "torch")
+def rotary_embedding(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim], gathered per token (RotaryEmbedding.forward)
+    sin: torch.Tensor,  # [num_tokens, head_dim]
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # rotated (q, k)
+    """Rotate-half RoPE. ``inplace=True`` writes the result into ``q`` and ``k`` and returns them;
+    otherwise new tensors are returned and the inputs are left untouched."""
+    q_rot, k_rot = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if not inplace:
+        return q_rot, k_rot
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+    return q, k
+
+
+@register("rope_and_write_kv", "torch")
+def rope_and_write_kv(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim]
+    sin: torch.Tensor,  # [num_tokens, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; slots < 0 are skipped
+) -> torch.Tensor:  # rotated q, [num_tokens, num_heads, head_dim]
+    """RoPE on q and k, then the KV-cache write of (rotated k, v). The rotated k only lands in the
+    cache; ``q``, ``k`` and ``v`` are not modified."""
+    q_rot, k_rot = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    nb, bs, h, d = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(nb * bs, h, d).index_copy_(0, slots, k_rot[keep].to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    return q_rot

@@ -1,0 +1,380 @@
+"""Triton paged attention over the varlen batch: decodes, multi-token queries and prefill chunks.
+
+Same contract as the torch reference (``attention_ref.paged_attention``). One launch covers the
+whole batch; a program owns one (request, KV head, query tile[, KV split]):
+
+    M rows of a tile = BLOCK_Q query positions x GROUP_P query heads sharing one KV head (GQA)
+
+        row r  ->  query index  q_tile * BLOCK_Q + r // GROUP_P
+                   query head   kv_head * GROUP + r % GROUP_P     (rows of padded heads masked)
+
+    so each K/V tile is loaded once for the whole group and fed to ``tl.dot`` as [M, D] x [D, N].
+
+The KV loop walks token positions [lo, hi) of the request's context in steps of BLOCK_N; each
+position is looked up in the block table (``block_tables[seq, pos // block_size]``), so BLOCK_N
+is independent of the cache's block size. ``hi`` is the last query position of the tile + 1
+(never past ``seq_lens``), ``lo`` is 0 or the sliding window's first key.
+
+Split-KV (decode with long contexts and few programs): the [lo, hi) range of a tile is cut into
+``num_splits`` chunks handled by separate programs that write unnormalized partial results
+(max, sum, acc) to an fp32 workspace; ``_combine_kernel`` merges them. Softmax runs in fp32 in the
+log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores).
+
+Grid size depends only on host ints (number of requests, ``meta.max_query_len``,
+``meta.max_seq_len``), never on device values, so there is no host sync and a launch can be
+captured in a CUDA graph with upper-bound metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from rayfleet.kernels import register
+from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet.kernels.triton_ops import round_to
+
+_LOG2E = 1.4426950408889634
+
+# Heuristic knobs for the split-KV decision (see ``choose_num_splits``).
+_SPLIT_MAX_QUERY_LEN = 16  # only split batches whose longest query is at most this many tokens
+_SPLIT_MIN_CHUNK = 256  # never give a split fewer context tokens than this
+_SPLIT_MAX = 64
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    out_ptr,  # [T, Hq, D]                    (NUM_SPLITS == 1)
+    ws_acc_ptr,  # [T, Hq, NUM_SPLITS, D] fp32  (NUM_SPLITS > 1)
+    ws_m_ptr,  # [T, Hq, NUM_SPLITS] fp32
+    ws_l_ptr,  # [T, Hq, NUM_SPLITS] fp32
+    query_start_loc_ptr,  # [B + 1] int32
+    seq_lens_ptr,  # [B] int32
+    block_tables_ptr,  # [B, max_blocks] int32
+    qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (used only when USE_WINDOW)
+    num_q_tiles,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
+    BLOCK_Q: tl.constexpr,  # query positions per tile
+    BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP_P
+    BLOCK_N: tl.constexpr,  # KV positions per loop step
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,  # cache block size
+    NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
+):
+    pid = tl.program_id(0)
+    seq = pid // num_q_tiles
+    q_tile = pid % num_q_tiles
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    n_new = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= n_new:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_start = seq_len - n_new  # absolute position of the request's first new token
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP_P  # [M] query index within the request
+    head_in_group = rows % GROUP_P
+    row_ok = (q_idx < n_new) & (head_in_group < GROUP)  # [M]
+    head = kv_head * GROUP + head_in_group  # [M]
+    q_pos = ctx_start + q_idx  # [M] absolute position
+    tok = (q_start + q_idx).to(tl.int64)  # [M] row of q / out
+    dims = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )  # [M, D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    # Keys this tile can see: [lo, hi).
+    last_q = tl.minimum(n_new, (q_tile + 1) * BLOCK_Q) - 1
+    hi = ctx_start + last_q + 1
+    lo = hi * 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_start + q_tile * BLOCK_Q - window + 1, 0)
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # [N]
+        in_ctx = pos < hi
+        block = tl.load(bt_row + pos // PAGE, mask=in_ctx, other=0).to(tl.int64)  # [N]
+        offset = pos % PAGE
+        k = tl.load(
+            k_base + (block * stride_kb + offset * stride_ks)[None, :] + dims[:, None],
+            mask=in_ctx[None, :],
+            other=0.0,
+        )  # [D, N]
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, N] log2 domain
+        ok = in_ctx[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])  # [M, N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + (block * stride_vb + offset * stride_vs)[:, None] + dims[None, :],
+            mask=in_ctx[:, None],
+            other=0.0,
+        )  # [N, D]
+        p = p.to(v_cache_ptr.dtype.element_ty)  # P @ V runs in the cache dtype, like flash-attn
+        if DOT_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+            round_to(out, out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+    else:
+        ml_off = (tok * tl.num_programs(1) * GROUP + head) * NUM_SPLITS + split  # [M]
+        tl.store(ws_m_ptr + ml_off, m_i, mask=row_ok)
+        tl.store(ws_l_ptr + ml_off, l_i, mask=row_ok)
+        tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr,  # [T, Hq, D]
+    ws_acc_ptr,  # [T, Hq, NUM_SPLITS, D] fp32
+    ws_m_ptr,  # [T, Hq, NUM_SPLITS] fp32 (log2 domain)
+    ws_l_ptr,  # [T, Hq, NUM_SPLITS] fp32
+    num_heads,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, HEAD_DIM)
+    base = (tok * num_heads + head) * NUM_SPLITS
+    s_ok = splits < NUM_SPLITS
+    m = tl.load(ws_m_ptr + base + splits, mask=s_ok, other=float("-inf"))  # [S]
+    l_part = tl.load(ws_l_ptr + base + splits, mask=s_ok, other=0.0)  # [S]
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # [S]; 0 for empty splits
+    acc = tl.load(
+        ws_acc_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=s_ok[:, None],
+        other=0.0,
+    )  # [S, D]
+    num = tl.sum(acc * w[:, None], 0)  # [D]
+    den = tl.sum(l_part * w, 0)
+    out = num / tl.where(den == 0.0, 1.0, den)
+    tl.store(
+        out_ptr + tok * stride_ot + head * stride_oh + dims, round_to(out, out_ptr.dtype.element_ty)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _tile_config(max_query_len: int, group: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(GROUP_P, BLOCK_Q, BLOCK_M, BLOCK_N) for a batch. BLOCK_M >= 16 for ``tl.dot``."""
+    group_p = triton.next_power_of_2(group)
+    max_m = 128 if head_dim <= 128 else 64
+    block_m = min(max(16, triton.next_power_of_2(max_query_len * group_p)), max(max_m, group_p))
+    block_q = max(1, block_m // group_p)
+    block_m = block_q * group_p
+    block_n = 64 if head_dim <= 128 else 32
+    return group_p, block_q, block_m, block_n
+
+
+def choose_num_splits(
+    num_seqs: int,
+    num_q_tiles: int,
+    num_kv_heads: int,
+    max_query_len: int,
+    max_seq_len: int,
+    num_sms: int,
+) -> int:
+    """Split the KV range only when the batch alone would leave most SMs idle.
+
+    Decode-like batches (every query at most ``_SPLIT_MAX_QUERY_LEN`` tokens) with fewer than
+    ~2 programs per SM get enough splits to reach that, each covering >= ``_SPLIT_MIN_CHUNK``
+    context tokens, at most ``_SPLIT_MAX``.
+    """
+    if max_query_len > _SPLIT_MAX_QUERY_LEN:
+        return 1
+    programs = num_seqs * num_q_tiles * num_kv_heads
+    target = 2 * num_sms
+    if programs >= target:
+        return 1
+    by_len = max_seq_len // _SPLIT_MIN_CHUNK
+    return max(1, min(triton.cdiv(target, programs), by_len, _SPLIT_MAX))
+
+
+@register("paged_attention", "triton", priority=0)
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Triton twin of ``attention_ref.paged_attention`` (same semantics, fp32 softmax).
+
+    ``num_splits`` forces the number of KV splits (1 = no split); ``None`` lets
+    ``choose_num_splits`` decide from the batch shape. Rows of ``q`` past
+    ``query_start_loc[-1]`` (padding) are left unwritten in the output, as in the reference.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, kv_dim = k_cache.shape
+    if kv_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    if head_dim < 16 or head_dim & (head_dim - 1) or page & (page - 1):
+        raise ValueError(f"head_dim ({head_dim}) and block_size ({page}) must be powers of two")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or v_cache.shape != k_cache.shape:
+        raise ValueError("k_cache and v_cache must have the same shape and a unit last stride")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"q {q.dtype} and the cache {k_cache.dtype}/{v_cache.dtype} must match")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    num_seqs = meta.num_seqs
+    if num_tokens == 0 or num_seqs == 0 or meta.max_query_len == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    group_p, block_q, block_m, block_n = _tile_config(meta.max_query_len, group, head_dim)
+    num_q_tiles = triton.cdiv(meta.max_query_len, block_q)
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            num_seqs,
+            num_q_tiles,
+            num_kv_heads,
+            meta.max_query_len,
+            meta.max_seq_len,
+            _num_sms(q.device),
+        )
+    num_splits = max(1, int(num_splits))
+
+    if num_splits > 1:
+        ws_m = torch.empty(num_tokens, num_heads, num_splits, device=q.device, dtype=torch.float32)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty(
+            num_tokens, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32
+        )
+    else:
+        ws_m = ws_l = ws_acc = out  # unused placeholders
+
+    fp32 = q.dtype == torch.float32
+    # Only the CPU interpreter sees CPU tensors; its bf16 dot is wrong, an fp32 dot of the same
+    # bf16 values is what the tensor cores compute (exact products, fp32 accumulation).
+    dot_fp32 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
+    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        ws_acc,
+        ws_m,
+        ws_l,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        scale * _LOG2E,
+        sliding_window or 0,
+        num_q_tiles,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        meta.block_tables.stride(0),
+        GROUP=group,
+        GROUP_P=group_p,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        PAGE=page,
+        NUM_SPLITS=num_splits,
+        USE_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if fp32 or dot_fp32 else "tf32",
+        DOT_FP32=dot_fp32,
+        num_warps=num_warps,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _combine_kernel[(num_tokens, num_heads)](
+            out,
+            ws_acc,
+            ws_m,
+            ws_l,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            num_warps=4 if head_dim <= 128 else 8,
+        )
+    return out
+
+
+__all__ = ["choose_num_splits", "paged_attention"]

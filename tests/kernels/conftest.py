@@ -1,0 +1,63 @@
+"""Kernel-test fixtures. Triton kernels run through Triton's CPU interpreter when no GPU is present.
+
+``TRITON_INTERPRET`` is read by ``triton.jit`` when a kernel is decorated, so it is set here, at
+collection time, before any test imports a Triton kernel module.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """A CPU generator seeded from the test id: fresh inputs per test, reproducible per test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every floating ``torch.empty`` / ``empty_like`` made during a test is filled with NaN, so
+    an output element (or workspace entry) a kernel forgets to write fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+            t = real(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            return t
+
+        return make
+
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    yield
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances per dtype (fp32 math inside every kernel)."""
+    return {
+        torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+        torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+        torch.bfloat16: {"atol": 1.6e-2, "rtol": 1.6e-2},
+    }[dtype]
+
+
+@pytest.fixture
+def tol() -> Callable[[torch.dtype], dict[str, float]]:
+    return tolerances
