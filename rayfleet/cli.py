@@ -21,6 +21,17 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--engine-seed", type=int, default=0, help="seed of unseeded sampling")
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="draft model directory for speculative decoding (same tokenizer as --model)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="most draft tokens per step (default 4 with --draft-model); adapted per request",
+    )
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
@@ -36,6 +47,12 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         enable_prefix_caching=not a.no_prefix_caching,
         attention_backend=a.attention_backend,
         seed=a.engine_seed,
+        draft_model=a.draft_model,
+        num_speculative_tokens=(
+            a.num_speculative_tokens
+            if a.num_speculative_tokens is not None
+            else (4 if a.draft_model else 0)
+        ),
     )
 
 
@@ -135,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(off)
     add_offline_args(off)
     off.set_defaults(func=cmd_bench_offline)
+
+    from rayfleet.cluster.commands import add_cluster_commands
+
+    add_cluster_commands(sub, bsub)
     return parser
 
 

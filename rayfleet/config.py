@@ -172,3 +172,14 @@ def default_demo_model() -> str:
     if override:
         return override
     return str(Path(__file__).parent / "models" / "demo" / "target")
+
+
+
+def __getattr__(name: str):
+    # ServeConfig lives with the cluster code (rayfleet/cluster/serve_config.py) and imports this
+    # module, so it is re-exported lazily: ``from rayfleet.config import ServeConfig`` works.
+    if name in ("ServeConfig", "AutoscalingSpec"):
+        from rayfleet.cluster import serve_config
+
+        return getattr(serve_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,97 @@
+"""ServeConfig -> Ray Serve application: Ingress (gRPC + OpenAI HTTP) -> LLMReplica.
+
+``build_app(args)`` is the application builder for Serve's config files
+(``import_path: rayfleet.cluster.app:build_app``); ``args`` is a rayfleet config mapping (see
+``serve_config``), or ``{"config_file": PATH}``.
+
+Replica resources: ``num_cpus_per_replica`` and ``gpus_per_replica`` (fractional GPUs are fine
+with tensor_parallel_size 1: several replicas share one GPU). With TP > 1 the replica reserves one
+bundle per rank in a STRICT_PACK placement group (rank 0 in the replica's own bundle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from rayfleet.cluster.serve_config import ServeConfig
+from rayfleet.replicas.deployment import LLMReplica
+from rayfleet.router.ingress import Ingress
+
+LLM_DEPLOYMENT = "LLMReplica"
+INGRESS_DEPLOYMENT = "Ingress"
+
+
+def resolve_model(cfg: ServeConfig) -> ServeConfig:
+    """Fill in the bundled demo model when the config names none."""
+    if cfg.model or cfg.model_shape:
+        return cfg
+    from rayfleet.config import default_demo_model
+
+    return cfg.replace(model=default_demo_model())
+
+
+def llm_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    tp = cfg.tensor_parallel_size
+    opts: dict[str, Any] = {
+        "name": LLM_DEPLOYMENT,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "request_router_config": RequestRouterConfig(
+            request_routing_stats_period_s=cfg.routing_stats_period_s,
+        ),
+        "health_check_period_s": 5.0,
+        # Loading a large checkpoint (or profiling the KV cache) takes a while.
+        "health_check_timeout_s": 60.0,
+    }
+    if cfg.autoscaling is not None:
+        opts["autoscaling_config"] = cfg.replica_autoscaling()
+    else:
+        opts["num_replicas"] = cfg.replica_count()
+    if tp > 1:
+        rank0 = {"CPU": cfg.num_cpus_per_replica, "GPU": 1}
+        opts["ray_actor_options"] = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": 1}
+        opts["placement_group_bundles"] = [rank0] + [{"CPU": 0.1, "GPU": 1}] * (tp - 1)
+        opts["placement_group_strategy"] = "STRICT_PACK"
+    else:
+        opts["ray_actor_options"] = {
+            "num_cpus": cfg.num_cpus_per_replica,
+            "num_gpus": cfg.gpus_per_replica,
+        }
+    return opts
+
+
+def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    return {
+        "name": INGRESS_DEPLOYMENT,
+        "num_replicas": cfg.ingress_num_replicas,
+        # The ingress only awaits replicas; back-pressure is applied at the LLM replicas.
+        "max_ongoing_requests": cfg.ingress_max_ongoing_requests,
+        "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus},
+    }
+
+
+def build_application(cfg: ServeConfig) -> serve.Application:
+    cfg = resolve_model(cfg)
+    args = cfg.to_dict()
+    llm = serve.deployment(LLMReplica).options(**llm_deployment_options(cfg)).bind(args)
+    return serve.deployment(Ingress).options(**ingress_deployment_options(cfg)).bind(llm, args)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder (``serve run rayfleet.cluster.app:build_app config_file=...``)."""
+    args = dict(args or {})
+    path = args.pop("config_file", None)
+    if path is not None:
+        if args:
+            raise ValueError("give either config_file or config keys as args, not both")
+        cfg = ServeConfig.load(path)
+    else:
+        cfg = ServeConfig.from_dict(args)
+    return build_application(cfg)

@@ -1,0 +1,1 @@
+"""Stubs of ``protos/rayfleet/v1`` (proto package ``rayfleet.v1``)."""
