@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_offline_args(off)
     off.set_defaults(func=cmd_bench_offline)
 
+    from rayfleet.models.demo.eval_command import add_eval_commands
+
+    add_eval_commands(sub)
+
     from rayfleet.cluster.commands import add_cluster_commands
 
     add_cluster_commands(sub, bsub)

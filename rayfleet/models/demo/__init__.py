@@ -1,0 +1,1 @@
+"""The bundled demo model pair (target + distilled draft) and its training pipeline."""
