@@ -124,7 +124,9 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     device: str = "cpu"
-    attention_backend: str | None = None  # None = the registry's default for the device
+    attention_backend: str | None = None  # None = the fastest available for the device
+    # CUDA graphs for decode steps up to this batch size (0 = eager only).
+    cuda_graph_max_batch_size: int = 256
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -172,7 +174,6 @@ def default_demo_model() -> str:
     if override:
         return override
     return str(Path(__file__).parent / "models" / "demo" / "target")
-
 
 
 def __getattr__(name: str):
