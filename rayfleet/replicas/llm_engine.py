@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from rayfleet.config import EngineConfig
-from rayfleet.outputs import RequestOutput
+from rayfleet.outputs import RequestOutput, SpecStats
 from rayfleet.replicas.detokenizer import IncrementalDetokenizer
 from rayfleet.replicas.engine.request import Request, RequestStatus
 from rayfleet.replicas.engine.scheduler import Scheduler, SchedulerOutput
 from rayfleet.replicas.model import load_model, read_arch_config
 from rayfleet.replicas.runner import ModelRunner
+from rayfleet.replicas.spec.adaptive import SpecPolicy
+from rayfleet.replicas.spec.proposer import DraftProposer
 from rayfleet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,45 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None) -> torch.dtype:
     if requested != "auto":
         return _DTYPES[requested]
     return _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
+
+
+# Files whose content defines a tokenizer's id <-> text mapping.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+)
+
+
+def check_same_tokenizer(target_dir: str, draft_dir: str) -> None:
+    """A draft must tokenize exactly like its target: its proposals are target token ids.
+
+    Same content of every tokenizer-defining file present in either directory; where neither has
+    one, the loaded vocabularies must match. Raises ValueError naming both directories."""
+    t, d = Path(target_dir), Path(draft_dir)
+    differing = []
+    present = False
+    for name in _TOKENIZER_FILES:
+        tf, df = t / name, d / name
+        if not tf.exists() and not df.exists():
+            continue
+        present = True
+        if not (tf.exists() and df.exists()) or tf.read_bytes() != df.read_bytes():
+            differing.append(name)
+    if not present:
+        from transformers import AutoTokenizer
+
+        t_vocab = AutoTokenizer.from_pretrained(t).get_vocab()
+        if t_vocab != AutoTokenizer.from_pretrained(d).get_vocab():
+            differing.append("vocabulary")
+    if differing:
+        raise ValueError(
+            f"draft model {draft_dir} does not share the tokenizer of target model {target_dir} "
+            f"(differs: {', '.join(differing)}); speculative decoding needs the same tokenizer"
+        )
 
 
 def load_eos_token_ids(model_dir: str, tokenizer, arch) -> frozenset[int]:
@@ -66,14 +107,23 @@ class _Tracked:
     first_token_time: float | None = None
     stop_reason: str | int | None = None
     logprobs: list | None = None
+    spec: SpecStats | None = None
 
 
 class Engine:
     """One replica's engine. ``model`` (with its ``arch``) may be passed prebuilt, e.g. random
     weights of a real shape for benchmarks; then there is no tokenizer and outputs carry ids
-    only."""
+    only. ``draft_model`` likewise (a prebuilt draft of the same vocabulary); ``spec_policy``
+    replaces the adaptive speculation policy (e.g. ``FixedSpecPolicy(k)``)."""
 
-    def __init__(self, config: EngineConfig, *, model: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        draft_model: torch.nn.Module | None = None,
+        spec_policy: SpecPolicy | None = None,
+    ) -> None:
         self.config = config
         mc = config.model
         self.device = torch.device(config.device)
@@ -99,6 +149,25 @@ class Engine:
             self.eos_token_ids = frozenset()
             self.model = model
         self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
+        self.draft_model = self._load_draft(draft_model)
+        num_spec = config.spec.num_speculative_tokens if self.draft_model is not None else 0
+        proposer = None
+        if self.draft_model is not None:
+            from rayfleet import kernels
+
+            backend = config.attention_backend
+            proposer = DraftProposer(
+                self.draft_model,
+                device=self.device,
+                dtype=self.dtype,
+                block_size=config.cache.block_size,
+                attention=kernels.get("paged_attention", backend),
+                write_kv=kernels.get(
+                    "write_kv", backend if backend in kernels.backends("write_kv") else None
+                ),
+                eos_token_ids=self.eos_token_ids,
+                seed=mc.seed,
+            )
         self.runner = ModelRunner(
             self.model,
             device=self.device,
@@ -107,9 +176,15 @@ class Engine:
             attention_backend=config.attention_backend,
             eos_token_ids=self.eos_token_ids,
             seed=mc.seed,
+            proposer=proposer,
+            num_speculative_tokens=num_spec,
+            max_model_len=self.max_model_len,
+            spec_policy=spec_policy,
         )
         self.num_blocks, self.memory_report = self._size_kv_cache()
         self.runner.allocate_kv_cache(self.num_blocks)
+        if proposer is not None:
+            self._capture_draft_graphs(proposer, num_spec)
         sc = config.scheduler
         self.scheduler = Scheduler(
             num_blocks=self.num_blocks,
@@ -120,6 +195,7 @@ class Engine:
             enable_prefix_caching=config.cache.enable_prefix_caching,
             hash_seed=config.cache.hash_seed,
             long_prefill_token_threshold=sc.long_prefill_token_threshold,
+            num_lookahead_tokens=num_spec,
         )
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -130,6 +206,61 @@ class Engine:
             (self.num_blocks - 1) * config.cache.block_size,
             self.num_blocks * self.runner.bytes_per_block / 2**20,
         )
+
+    def _load_draft(self, prebuilt: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The draft model of ``config.spec`` (or ``prebuilt``), checked against the target."""
+        spec = self.config.spec
+        if prebuilt is None and spec.draft_model is None:
+            if spec.num_speculative_tokens:
+                raise ValueError("num_speculative_tokens needs a draft model (draft_model=DIR)")
+            return None
+        if spec.num_speculative_tokens < 1:
+            raise ValueError("a draft model needs num_speculative_tokens >= 1")
+        target = self.config.model.model
+        if prebuilt is not None:
+            draft = prebuilt
+            name = "<prebuilt draft>"
+        else:
+            assert spec.draft_model is not None
+            name = spec.draft_model
+            check_same_tokenizer(self.config.model.tokenizer_path, name)
+            draft_arch = read_arch_config(name)
+            draft = load_model(
+                name,
+                dtype=self.dtype,
+                device=self.device,
+                show_progress=self.config.show_progress,
+                # The draft sees every position the target does (and its lookahead).
+                max_positions=max(
+                    draft_arch.max_position_embeddings,
+                    self.max_model_len + spec.num_speculative_tokens,
+                ),
+            )
+        if draft.arch.vocab_size != self.arch.vocab_size:
+            raise ValueError(
+                f"draft model {name} has a vocabulary of {draft.arch.vocab_size} but target model "
+                f"{target} has {self.arch.vocab_size}; speculative decoding needs the same one"
+            )
+        return draft
+
+    def _capture_draft_graphs(self, proposer: DraftProposer, num_spec: int) -> None:
+        """CUDA: the draft's single-token forwards (all but the first of each proposal) replay
+        decode graphs up to ``cuda_graph_max_batch_size``; on failure the draft runs eagerly."""
+        limit = min(self.config.cuda_graph_max_batch_size, self.config.scheduler.max_num_seqs)
+        if self.device.type != "cuda" or limit < 1:
+            return
+        from rayfleet.replicas.cuda_graphs import default_capture_sizes
+
+        max_len = self.max_model_len + num_spec
+        try:
+            proposer.enable_cuda_graphs(
+                default_capture_sizes(limit),
+                max_blocks_per_seq=-(-max_len // self.config.cache.block_size) + 1,
+                max_seq_len=max_len,
+            )
+        except Exception:  # a capture problem costs speed, never the engine
+            logger.exception("draft CUDA graph capture failed; the draft runs eagerly")
+            proposer.graphs = None
 
     # ---- sizing --------------------------------------------------------------------------------
     def _size_kv_cache(self) -> tuple[int, dict[str, int]]:
@@ -243,19 +374,45 @@ class Engine:
             tr = self._tracked[req.request_id]
             if tr.first_token_time is None:
                 tr.first_token_time = now
+            stop, cut = self._detokenize(tr, req)
             new = req.output_token_ids[tr.num_sent_tokens :]
-            stop = tr.detok.add_tokens(new) if tr.detok is not None else None
             if req.request_id in result.logprobs:
                 if tr.logprobs is None:
                     tr.logprobs = []
-                tr.logprobs.extend(result.logprobs[req.request_id])
+                tr.logprobs.extend(result.logprobs[req.request_id][: len(new)])
+            verified = result.spec_verified.get(req.request_id)
+            if verified is not None:
+                if tr.spec is None:
+                    tr.spec = SpecStats()
+                tr.spec.add(*verified)
             if stop is not None and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+                tr.stop_reason = stop
+            elif cut and req.is_finished:
+                # The stop string ended the output before the token that finished the request
+                # (length / stop id): without speculation it would have stopped first.
+                req.status = RequestStatus.FINISHED_STOPPED
                 tr.stop_reason = stop
             elif req.is_finished and req.status == RequestStatus.FINISHED_STOPPED:
                 tr.stop_reason = req.output_token_ids[-1]
             outputs.append(self._output(tr, finished=req.is_finished))
         return outputs
+
+    @staticmethod
+    def _detokenize(tr: _Tracked, req: Request) -> tuple[str | None, bool]:
+        """Feed this step's tokens one by one; a stop string ends the output at the token that
+        completed it (a speculative step can bring several tokens; later ones are dropped, as
+        if they had never been generated). Returns (matched stop string, whether tokens were
+        dropped)."""
+        if tr.detok is None:
+            return None, False
+        new = req.output_token_ids[tr.num_sent_tokens :]
+        for i, tok in enumerate(new):
+            stop = tr.detok.add_tokens([tok])
+            if stop is not None:
+                del req.output_token_ids[tr.num_sent_tokens + i + 1 :]
+                return stop, i + 1 < len(new)
+        return None, False
 
     def _output(self, tr: _Tracked, finished: bool) -> RequestOutput:
         req = tr.request
@@ -284,7 +441,13 @@ class Engine:
             logprobs=list(tr.logprobs) if tr.logprobs is not None else None,
             stop_reason=tr.stop_reason,
             metrics=metrics,
+            spec=self._spec_stats(tr),
         )
+
+    def _spec_stats(self, tr: _Tracked) -> SpecStats | None:
+        if self.draft_model is None:
+            return None
+        return tr.spec.copy() if tr.spec is not None else SpecStats()
 
     # ---- offline convenience -------------------------------------------------------------------
     def run_to_completion(self) -> dict[str, RequestOutput]:

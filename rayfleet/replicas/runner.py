@@ -5,20 +5,34 @@ table; each step the scheduler sends only what changed (see scheduler.NewRequest
 CachedRequestData). Tokens to compute this step for a request are
 ``(token_ids + draft_ids)[num_computed : num_computed + n]``; if that reaches the end of the
 verified tokens, the runner samples the next token from the last position.
+
+With a draft model (``proposer``), a request that carries k drafts gets logits at its last
+verified position and at each draft position (k + 1 rows), which the RejectionSampler turns into
+accepted tokens; requests without drafts are sampled as usual in the same step. Then the draft
+proposes the next step's drafts for the requests the spec policy picks (see spec/adaptive.py),
+and the runner times both forwards for the policy's cost model.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rayfleet import kernels
 from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet.replicas.engine.request import max_num_spec_tokens
 from rayfleet.replicas.engine.scheduler import RunnerOutput, SchedulerOutput
 from rayfleet.replicas.model.forward import ForwardBatch
 from rayfleet.replicas.sampler import Sampler, SamplerRow
+from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy
+from rayfleet.replicas.spec.rejection import RejectionSampler, SpecRow
+
+if TYPE_CHECKING:
+    from rayfleet.replicas.spec.adaptive import SpecPolicy
+    from rayfleet.replicas.spec.proposer import DraftProposer, DraftRequest
 
 
 @dataclass
@@ -29,6 +43,40 @@ class _RunnerRequest:
     params: Any
     # Output ids as a list view for the sampler's penalties (kept in sync with token_ids).
     output_token_ids: list[int] = field(default_factory=list)
+    # Speculation. The draft's KV is valid (belongs to these tokens) for positions
+    # < draft_num_computed; past len(token_ids) that means the drafts it fed itself.
+    draft_num_computed: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed, awaiting verification
+    # (tensor, rows) of the distributions the drafts were drawn from; None for greedy requests.
+    draft_probs: tuple[torch.Tensor, list[int]] | None = None
+    flags_dv: int = 0  # draft-valid verified prefix at the last _refresh_draft_flags
+
+
+def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions [start, end) of a request with block table ``block_ids``."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def build_attention_metadata(
+    slots: list[int],
+    qsl: list[int],
+    seq_lens: list[int],
+    tables: list[list[int]],
+    device: torch.device,
+) -> AttentionMetadata:
+    """One varlen batch's attention inputs (shared by the target and the draft forward)."""
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens,
+    )
 
 
 def kv_cache_bytes_per_block(
@@ -49,6 +97,10 @@ class ModelRunner:
         attention_backend: str | None,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        proposer: DraftProposer | None = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
+        spec_policy: SpecPolicy | None = None,
     ) -> None:
         self.model = model
         self.arch = model.arch
@@ -65,17 +117,29 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.requests: dict[str, _RunnerRequest] = {}
+        self.proposer = proposer
+        self.num_speculative_tokens = num_speculative_tokens if proposer is not None else 0
+        self.max_model_len = max_model_len or self.arch.max_position_embeddings
+        self.spec_policy = spec_policy
+        if proposer is not None:
+            self.rejection_sampler = RejectionSampler(seed=seed)
+            if self.spec_policy is None:
+                self.spec_policy = AdaptiveSpecPolicy(num_speculative_tokens)
+        # block id -> its draft KV is complete for all block_size slots (see _refresh_draft_flags).
+        self._draft_block_valid: list[bool] = []
 
     # ---- KV cache ------------------------------------------------------------------------------
     @property
     def bytes_per_block(self) -> int:
-        return kv_cache_bytes_per_block(
+        """Bytes one block id costs: the target's KV, plus the draft's (same block ids)."""
+        target = kv_cache_bytes_per_block(
             self.arch.num_layers,
             self.block_size,
             self.arch.num_kv_heads,
             self.arch.head_dim,
             self.dtype,
         )
+        return target + (self.proposer.bytes_per_block if self.proposer is not None else 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
@@ -89,6 +153,9 @@ class ModelRunner:
             for _ in range(self.arch.num_layers)
         ]
         self.num_blocks = num_blocks
+        if self.proposer is not None:
+            self.proposer.allocate_kv_cache(num_blocks)
+            self._draft_block_valid = [False] * num_blocks
 
     @torch.inference_mode()
     def profile_num_blocks(
@@ -118,10 +185,22 @@ class ModelRunner:
         meta = self._metadata(slots, qsl, per_seq, table)
         ids = torch.randint(0, self.arch.vocab_size, (n_tok,), device=self.device)
         hidden = self.model(ids, torch.tensor(positions, device=self.device), self._batch(meta))
-        self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=self.device) - 1])
+        if self.num_speculative_tokens:
+            # Verification takes k + 1 rows of logits per request, and the verifier holds
+            # probabilities beside them (target, draft, residual): profile that worst case.
+            rows = min(n_tok, n_seq * (self.num_speculative_tokens + 1))
+            logits = self.model.compute_logits(hidden[:rows])
+            probs = logits.softmax(dim=-1)
+            draft_probs = probs.clone()
+            del logits, probs, draft_probs
+        else:
+            self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=self.device) - 1])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         kv_profile = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        if self.proposer is not None:
+            kv_profile += sum(k.numel() * k.element_size() * 2 for k, _ in self.proposer.kv_caches)
+            self.proposer.kv_caches = []
         self.kv_caches = []
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
@@ -139,14 +218,23 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids | sched.preempted_request_ids:
             self.requests.pop(rid, None)
+        if self.spec_policy is not None:
+            for rid in sched.finished_request_ids:
+                self.spec_policy.forget(rid)
         for new in sched.new_requests:
-            self.requests[new.request_id] = _RunnerRequest(
+            st = _RunnerRequest(
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 num_prompt_tokens=len(new.prompt_token_ids),
                 block_ids=list(new.block_ids),
                 params=new.sampling_params,
                 output_token_ids=list(new.output_token_ids),
             )
+            if self.proposer is not None:
+                st.draft_num_computed = self._valid_draft_prefix(
+                    st.block_ids, new.num_computed_tokens
+                )
+                st.flags_dv = st.draft_num_computed
+            self.requests[new.request_id] = st
         for cached in sched.cached_requests:
             st = self.requests[cached.request_id]
             if cached.num_truncated_blocks:
@@ -161,19 +249,7 @@ class ModelRunner:
     def _metadata(
         self, slots: list[int], qsl: list[int], seq_lens: list[int], tables: list[list[int]]
     ) -> AttentionMetadata:
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
+        return build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
 
     def _batch(self, meta: AttentionMetadata) -> ForwardBatch:
         return ForwardBatch(
@@ -182,6 +258,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        t_start = time.perf_counter()
         self._update_states(sched)
         if sched.is_empty:
             return RunnerOutput()
@@ -194,11 +271,13 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rids: list[str] = []
+        num_spec: list[int] = []  # drafts verified, per sampling request
         logits_idx: list[int] = []
         for rid, n in sched.num_scheduled_tokens.items():
             st = self.requests[rid]
             start = starts[rid]
-            seq = st.token_ids + sched.spec_token_ids.get(rid, [])
+            spec = sched.spec_token_ids.get(rid)
+            seq = st.token_ids + spec if spec else st.token_ids
             input_ids.extend(seq[start : start + n])
             positions.extend(range(start, start + n))
             table = st.block_ids
@@ -206,9 +285,18 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
-            if start + n >= len(st.token_ids):
+            num_verified = len(st.token_ids)
+            if start + n >= num_verified:
+                # start <= num_verified - 1 always (the newest token's KV is never computed
+                # before its step), so the rows at positions num_verified-1 .. start+n-1 are
+                # here: one for the next token, one per draft the step reached (scheduling may
+                # cut the drafts short; the rest are dropped).
+                k = start + n - num_verified
+                if k and spec is not None and spec[:k] != st.spec_token_ids[:k]:
+                    raise RuntimeError(f"{rid}: scheduled drafts differ from the proposed ones")
                 sample_rids.append(rid)
-                logits_idx.append(qsl[-1] - 1)
+                num_spec.append(k)
+                logits_idx.extend(range(qsl[-1] - k - 1, qsl[-1]))
         meta = self._metadata(slots, qsl, seq_lens, tables)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=self.device),
@@ -216,29 +304,229 @@ class ModelRunner:
             self._batch(meta),
         )
         out = RunnerOutput()
-        if not sample_rids:
-            return out
-        logits = self.model.compute_logits(
-            hidden[torch.tensor(logits_idx, dtype=torch.int64, device=self.device)]
+        if sample_rids:
+            logits = self.model.compute_logits(
+                hidden[torch.tensor(logits_idx, dtype=torch.int64, device=self.device)]
+            )  # [sum(k + 1), V]
+            self._sample(logits, sample_rids, num_spec, out)
+        if self.proposer is not None:
+            self._speculate(sched, starts, sample_rids, out, t_start)
+        return out
+
+    def _sampler_row(self, st: _RunnerRequest) -> SamplerRow:
+        return SamplerRow(
+            params=st.params,
+            prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
+            output_token_ids=st.output_token_ids,
+            eos_token_ids=self.eos_token_ids,
         )
-        rows = []
+
+    def _sample(
+        self, logits: torch.Tensor, rids: list[str], num_spec: list[int], out: RunnerOutput
+    ) -> None:
+        """Plain rows through the Sampler, draft-carrying requests through the verifier; append
+        the resulting tokens to the runner's copy of each request."""
+        dev = self.device
+        plain, plain_rows = [], []
+        spec, spec_rows, spec_idx, q_parts = [], [], [], []
+        row = 0
+        for rid, k in zip(rids, num_spec):
+            st = self.requests[rid]
+            if k == 0:
+                plain.append(rid)
+                plain_rows.append(row)
+            else:
+                spec.append((rid, row, k))
+                spec_idx.extend(range(row, row + k + 1))
+                spec_rows.append(
+                    SpecRow(
+                        params=st.params,
+                        prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
+                        output_token_ids=st.output_token_ids,
+                        eos_token_ids=self.eos_token_ids,
+                        draft_token_ids=st.spec_token_ids[:k],
+                    )
+                )
+                if st.draft_probs is not None:
+                    q_parts.append((st.draft_probs[0], st.draft_probs[1][:k]))
+            row += k + 1
+        results: dict[str, tuple[list[int], list[Any] | None, int]] = {}
+        if plain:
+            rows = [self._sampler_row(self.requests[rid]) for rid in plain]
+            # Without drafts in the step the rows are exactly the plain ones: no gather.
+            plain_logits = (
+                logits if len(plain_rows) == logits.shape[0] else logits[_index(plain_rows, dev)]
+            )
+            sampled = self.sampler(plain_logits, rows)
+            for i, rid in enumerate(plain):
+                lp = sampled.logprobs[i]
+                results[rid] = ([sampled.token_ids[i]], [lp] if lp is not None else None, 0)
+        if spec:
+            verified = self.rejection_sampler(
+                logits[_index(spec_idx, dev)], spec_rows, _gather_rows(q_parts, dev)
+            )
+            for (rid, row0, _k), toks, a in zip(spec, verified.token_ids, verified.num_accepted):
+                st = self.requests[rid]
+                lps = None
+                if st.params.logprobs is not None:
+                    lp_rows = _index(list(range(row0, row0 + len(toks))), dev)
+                    lps = Sampler.token_logprobs(
+                        logits[lp_rows], [self._sampler_row(st)] * len(toks), toks
+                    )
+                results[rid] = (toks, lps, a)
+        for rid, k in zip(rids, num_spec):
+            st = self.requests[rid]
+            toks, lps, accepted = results[rid]
+            st.token_ids.extend(toks)
+            st.output_token_ids.extend(toks)
+            out.sampled_token_ids[rid] = toks
+            if lps is not None:
+                out.logprobs[rid] = lps
+            if self.proposer is None:
+                continue
+            st.spec_token_ids = []
+            st.draft_probs = None
+            # The draft fed itself d_1..d_{k-1}; those accepted are now verified tokens, so its KV
+            # stays valid below the newest token (never fed yet) and up to the first rejection.
+            st.draft_num_computed = min(st.draft_num_computed, len(st.token_ids) - 1)
+            if k:
+                out.spec_verified[rid] = (k, accepted)
+                assert self.spec_policy is not None
+                self.spec_policy.observe_verification(rid, k, accepted)
+
+    def _finished_by_token(self, st: _RunnerRequest) -> bool:
+        """The newest token ends the request (EOS / stop id): nothing to draft for it."""
+        p = st.params
+        if len(st.output_token_ids) <= p.min_tokens:
+            return False
+        tok = st.output_token_ids[-1]
+        return (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
+
+    def _speculate(
+        self,
+        sched: SchedulerOutput,
+        starts: dict[str, int],
+        sample_rids: list[str],
+        out: RunnerOutput,
+        t_start: float,
+    ) -> None:
+        """Time the target step, plan the next step's drafts, run the draft, refresh flags."""
+        assert self.proposer is not None and self.spec_policy is not None
+        policy = self.spec_policy
+        if sample_rids:  # sampling synchronized the device: the time is the step's
+            policy.observe_target(sched.total_num_scheduled_tokens, time.perf_counter() - t_start)
+        sampled = set(sample_rids)
+        candidates = []
         for rid in sample_rids:
             st = self.requests[rid]
-            rows.append(
-                SamplerRow(
-                    params=st.params,
-                    prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
-                    output_token_ids=st.output_token_ids,
-                    eos_token_ids=self.eos_token_ids,
-                )
+            cap = min(
+                self.num_speculative_tokens,
+                max_num_spec_tokens(
+                    len(st.token_ids),
+                    len(st.output_token_ids),
+                    st.params.max_tokens,
+                    self.max_model_len,
+                ),
             )
-        sampled = self.sampler(logits, rows)
-        for i, rid in enumerate(sample_rids):
-            tok = sampled.token_ids[i]
-            st = self.requests[rid]
-            st.token_ids.append(tok)
-            st.output_token_ids.append(tok)
-            out.sampled_token_ids[rid] = [tok]
-            if sampled.logprobs[i] is not None:
-                out.logprobs[rid] = [sampled.logprobs[i]]
-        return out
+            if cap > 0 and not self._finished_by_token(st):
+                candidates.append((rid, cap))
+        chunk_tokens = sum(
+            n for rid, n in sched.num_scheduled_tokens.items() if rid not in sampled
+        )
+        plan = policy.plan(
+            candidates, num_requests=len(sample_rids), base_tokens=len(sample_rids) + chunk_tokens
+        )
+        reqs = []
+        for rid, k in plan.items():
+            if k > 0:
+                st = self.requests[rid]
+                reqs.append(self._draft_request(rid, st, len(st.token_ids), k))
+        if reqs:
+            # Speculation is on this step: keep chunked prefills' draft KV in step too, so their
+            # first proposal does not start with a long draft prefill.
+            for rid, n in sched.num_scheduled_tokens.items():
+                st = self.requests[rid]
+                end = starts[rid] + n
+                if rid not in sampled and st.draft_num_computed < end:
+                    reqs.append(self._draft_request(rid, st, end, 0))
+            proposals = self.proposer.propose(reqs)
+            for r in reqs:
+                st = self.requests[r.request_id]
+                # Draft KV now covers the fed tokens and the drafts it fed itself (all but d_k).
+                st.draft_num_computed = r.end + max(r.num_spec - 1, 0)
+                if r.num_spec:
+                    st.spec_token_ids = proposals.token_ids[r.request_id]
+                    rows = proposals.prob_rows.get(r.request_id)
+                    st.draft_probs = (
+                        (proposals.probs, rows)
+                        if rows is not None and proposals.probs is not None
+                        else None
+                    )
+                    out.spec_token_ids[r.request_id] = list(st.spec_token_ids)
+            for num_tokens, seconds in proposals.timings:
+                policy.observe_draft(num_tokens, seconds)
+        for rid, n in sched.num_scheduled_tokens.items():
+            self._refresh_draft_flags(self.requests[rid], starts[rid], starts[rid] + n)
+
+    def _draft_request(self, rid: str, st: _RunnerRequest, end: int, k: int) -> DraftRequest:
+        # Imported here: the proposer module builds its batches with this module's helpers.
+        from rayfleet.replicas.spec.proposer import DraftRequest
+
+        return DraftRequest(
+            request_id=rid,
+            token_ids=st.token_ids,
+            num_prompt_tokens=st.num_prompt_tokens,
+            output_token_ids=st.output_token_ids,
+            block_ids=st.block_ids,
+            params=st.params,
+            start=st.draft_num_computed,
+            end=end,
+            num_spec=k,
+        )
+
+    # ---- draft KV validity per block -----------------------------------------------------------
+    # Prefix-cache hits hand a request blocks another request computed. Their target KV is valid
+    # by construction; their draft KV is valid only if the draft ran over those tokens (it does
+    # not while speculation is off for a request or a step). _draft_block_valid[b] records "the
+    # draft KV of all block_size slots of b belongs to the verified tokens the block holds",
+    # i.e. (i + 1) * block_size <= dv for the owner's block i, dv = min(draft_num_computed,
+    # verified tokens). Read when a request (new or resumed) adopts hit blocks. Kept right by
+    # recomputing it, at the end of every step, for the blocks whose answer can have changed:
+    # those the target wrote, and those between the owner's previous and current dv. Blocks no
+    # target has written since their last reallocation may hold a stale True, but cannot be hit:
+    # a block is hashed only in the step the target writes its last verified token.
+
+    def _valid_draft_prefix(self, block_ids: list[int], num_computed: int) -> int:
+        bs = self.block_size
+        n = 0
+        while n < num_computed // bs and self._draft_block_valid[block_ids[n]]:
+            n += 1
+        return n * bs
+
+    def _refresh_draft_flags(self, st: _RunnerRequest, written_from: int, written_to: int) -> None:
+        """Recompute the flags of the blocks the target wrote this step (positions
+        [written_from, written_to)) and of those the change of dv moved across."""
+        dv = min(st.draft_num_computed, len(st.token_ids))
+        bs = self.block_size
+        lo, hi = sorted((st.flags_dv, dv))
+        n_blocks = len(st.block_ids)
+        for first, end in ((lo // bs, hi // bs + 1), (written_from // bs, -(-written_to // bs))):
+            for i in range(first, min(end, n_blocks)):
+                self._draft_block_valid[st.block_ids[i]] = (i + 1) * bs <= dv
+        st.flags_dv = dv
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _gather_rows(
+    parts: list[tuple[torch.Tensor, list[int]]], device: torch.device
+) -> torch.Tensor | None:
+    """Concatenate rows of (tensor, row indices) parts; one gather when they share a tensor."""
+    if not parts:
+        return None
+    first = parts[0][0]
+    if all(t is first for t, _ in parts):
+        return first[_index([r for _, rows in parts for r in rows], device)]
+    return torch.cat([t[_index(rows, device)] for t, rows in parts])

@@ -126,6 +126,19 @@ class Sampler:
         return SamplerOutput(token_ids=ids, logprobs=logprobs)
 
     @staticmethod
+    def token_logprobs(
+        raw: torch.Tensor, rows: list[SamplerRow], token_ids: list[int]
+    ) -> list[TokenLogprobs | None]:
+        """Logprobs of given tokens (e.g. ones a speculative verifier accepted) under the raw
+        rows ``raw`` [N, V], for the rows that ask for logprobs; None elsewhere."""
+        out: list[TokenLogprobs | None] = [None] * len(rows)
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            ids = torch.tensor(token_ids, dtype=torch.long).to(raw.device)
+            _fill_logprobs(raw.float(), rows, want, ids, out)
+        return out
+
+    @staticmethod
     def apply_penalties(raw: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         """Repetition and presence/frequency penalties, min_tokens mask; returns a new tensor."""
         x = raw.clone()

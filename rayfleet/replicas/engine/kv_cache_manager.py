@@ -60,18 +60,25 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[Block] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> bool:
         """Make room for ``num_new_tokens`` more tokens after ``num_computed_tokens``.
 
         ``new_computed_blocks`` are prefix-cache hits to adopt (first scheduling only; the caller
-        advances num_computed_tokens past them). Returns False, changing nothing, if the pool
+        advances num_computed_tokens past them). ``num_lookahead_tokens`` more slots past those are
+        reserved for KV the draft model writes while proposing the next step's tokens; they are
+        never hashed (only verified tokens are). Returns False, changing nothing, if the pool
         cannot supply the blocks.
         """
         new_computed_blocks = new_computed_blocks or []
         blocks = self.req_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_needed = cdiv(total, self.block_size) - len(blocks) - len(new_computed_blocks)
+        num_needed = (
+            cdiv(total + num_lookahead_tokens, self.block_size)
+            - len(blocks)
+            - len(new_computed_blocks)
+        )
         # Hits sitting in the free queue stop being allocatable once we reference them.
         num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if max(num_needed, 0) + num_free_hits > self.pool.num_free_blocks:

@@ -9,6 +9,15 @@ Order: running requests first (FCFS), then waiting ones (FCFS) while budget, seq
 blocks last. When a running request cannot get blocks, the newest running request is preempted
 (its blocks freed, num_computed_tokens reset) and re-queued at the front of the waiting queue; on
 resumption its prefix-cache hits bring most of its KV back.
+
+Speculative decoding adds two things, both expressed in token counts:
+
+- lookahead: a request whose step reaches the end of its verified tokens gets ``num_lookahead``
+  extra slots past this step's tokens, where the draft model writes KV for the proposals it makes
+  for the next step (capped at what the request can ever hold, so ``can_fit`` stays exact);
+- rollback: a request that verified d drafts and got t = accepted + 1 tokens back keeps the KV of
+  its first ``num_tokens_before + t - 1`` tokens; rejected positions are simply recomputed next step
+  (their slots are overwritten; blocks are not freed: they are the next step's lookahead).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import Any
 
 from rayfleet.replicas.engine.block_pool import BlockPool
 from rayfleet.replicas.engine.kv_cache_manager import KVCacheManager
-from rayfleet.replicas.engine.request import Request, RequestStatus
+from rayfleet.replicas.engine.request import Request, RequestStatus, max_num_spec_tokens
 
 
 @dataclass
@@ -73,6 +82,10 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[Any]] = field(default_factory=dict)
+    # Draft tokens proposed for each request's next step (trimmed by the scheduler).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # request_id -> (drafts verified, drafts accepted) this step, for requests that verified any.
+    spec_verified: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,8 +110,10 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         hash_seed: int = 0,
         long_prefill_token_threshold: int = 0,
+        num_lookahead_tokens: int = 0,
     ) -> None:
         self.block_size = block_size
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -146,7 +161,7 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, n):
+            while not self.kv.allocate_slots(req, n, num_lookahead_tokens=self._lookahead(req, n)):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 preempted = True
@@ -166,7 +181,8 @@ class Scheduler:
             n = min(req.num_tokens - num_hit_tokens, budget)
             if self.long_prefill_token_threshold:
                 n = min(n, self.long_prefill_token_threshold)
-            if not self.kv.allocate_slots(req, n, hits):
+            lookahead = self._lookahead(req, n, num_hit_tokens)
+            if not self.kv.allocate_slots(req, n, hits, lookahead):
                 break
             self.waiting.popleft()
             if req.num_cached_tokens < 0:
@@ -185,6 +201,18 @@ class Scheduler:
         if self.long_prefill_token_threshold:
             n = min(n, self.long_prefill_token_threshold)
         return min(n, self.max_model_len - req.num_computed_tokens)
+
+    def _lookahead(self, req: Request, n: int, num_computed: int | None = None) -> int:
+        """Slots for the draft's KV past this step's tokens; only when the step reaches the end of
+        the verified tokens (only then does the draft propose), and never past what the request
+        can ever hold: the draft writes positions < num_tokens + max_num_spec_tokens <= cap."""
+        if not self.num_lookahead_tokens:
+            return 0
+        total = (req.num_computed_tokens if num_computed is None else num_computed) + n
+        if total < req.num_tokens:
+            return 0
+        cap = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
+        return max(0, min(self.num_lookahead_tokens, cap - total))
 
     def _emit(self, req: Request, n: int, out: SchedulerOutput) -> None:
         block_ids = self.kv.block_ids(req.request_id)
@@ -228,13 +256,24 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Request]:
-        """Append sampled tokens; finish requests on EOS / stop ids / length. Returns every
-        request that received tokens this step (finished ones included)."""
+        """Append sampled tokens; finish requests on EOS / stop ids / length; take the runner's
+        draft proposals. Returns every request that received tokens this step (finished ones
+        included).
+
+        A request that verified d drafts gets t = accepted + 1 tokens. Before this step it had
+        L verified tokens and scheduling advanced num_computed_tokens to L + d; the KV of the
+        accepted drafts is the KV of the tokens they became, so L + t - 1 tokens stay computed and
+        the d - (t - 1) rejected positions roll back (their slots are rewritten next step). The
+        last new token's KV is never computed yet: it is next step's first input.
+        """
         touched: list[Request] = []
         for rid, token_ids in result.sampled_token_ids.items():
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
+            req.num_computed_tokens = min(
+                req.num_computed_tokens, req.num_tokens + len(token_ids) - 1
+            )
             req.spec_token_ids = []
             for tok in token_ids:
                 req.output_token_ids.append(tok)
@@ -242,6 +281,13 @@ class Scheduler:
                 if status is not None:
                     self.finish(rid, status)
                     break
+            else:
+                spec = result.spec_token_ids.get(rid)
+                if spec:
+                    limit = max_num_spec_tokens(
+                        req.num_tokens, req.num_output_tokens, req.max_tokens, self.max_model_len
+                    )
+                    req.spec_token_ids = list(spec[:limit])
             touched.append(req)
         return touched
 
