@@ -71,3 +71,18 @@ def _load_builtin() -> None:
     with contextlib.suppress(ImportError):  # no triton on this machine: the references serve
         from rayfleet.kernels import triton_attention, triton_ops  # noqa: F401
     from rayfleet.kernels import attention_sdpa  # noqa: F401  (stock-torch fast path)
+
+
+def choose_attention_backend(requested: str | None, device) -> str:
+    """``requested`` if available; else "triton" on CUDA (the fastest measured there, and the
+    one CUDA graphs can capture), else the highest-priority backend ("sdpa")."""
+    available = backends("paged_attention")
+    if requested is not None:
+        if requested not in available:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(available)}; got {requested!r}"
+            )
+        return requested
+    if getattr(device, "type", device) == "cuda" and "triton" in available:
+        return "triton"
+    return available[0]

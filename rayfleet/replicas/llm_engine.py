@@ -17,12 +17,16 @@ from pathlib import Path
 
 import torch
 
+from rayfleet import kernels
 from rayfleet.config import EngineConfig
+from rayfleet.kernels import choose_attention_backend
 from rayfleet.outputs import RequestOutput, SpecStats
+from rayfleet.replicas.cuda_graphs import default_capture_sizes
 from rayfleet.replicas.detokenizer import IncrementalDetokenizer
 from rayfleet.replicas.engine.request import Request, RequestStatus
 from rayfleet.replicas.engine.scheduler import Scheduler, SchedulerOutput
 from rayfleet.replicas.model import load_model, read_arch_config
+from rayfleet.replicas.model.layers import use_kernel_backend
 from rayfleet.replicas.runner import ModelRunner
 from rayfleet.replicas.spec.adaptive import SpecPolicy
 from rayfleet.replicas.spec.proposer import DraftProposer
@@ -151,11 +155,14 @@ class Engine:
         self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
         self.draft_model = self._load_draft(draft_model)
         num_spec = config.spec.num_speculative_tokens if self.draft_model is not None else 0
+        backend = self.attention_backend = choose_attention_backend(
+            config.attention_backend, self.device
+        )
+        for m in (self.model, self.draft_model):
+            if m is not None and backend != kernels.REFERENCE:
+                use_kernel_backend(m, backend)
         proposer = None
         if self.draft_model is not None:
-            from rayfleet import kernels
-
-            backend = config.attention_backend
             proposer = DraftProposer(
                 self.draft_model,
                 device=self.device,
@@ -173,7 +180,7 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
             block_size=config.cache.block_size,
-            attention_backend=config.attention_backend,
+            attention_backend=backend,
             eos_token_ids=self.eos_token_ids,
             seed=mc.seed,
             proposer=proposer,
@@ -183,8 +190,10 @@ class Engine:
         )
         self.num_blocks, self.memory_report = self._size_kv_cache()
         self.runner.allocate_kv_cache(self.num_blocks)
-        if proposer is not None:
-            self._capture_draft_graphs(proposer, num_spec)
+        if self._cuda_graphs_usable():
+            self._capture_target_graphs(num_spec)
+            if proposer is not None:
+                self._capture_draft_graphs(proposer, num_spec)
         sc = config.scheduler
         self.scheduler = Scheduler(
             num_blocks=self.num_blocks,
@@ -243,14 +252,39 @@ class Engine:
             )
         return draft
 
+    def _cuda_graphs_usable(self) -> bool:
+        """Graphs need a device-side attention backend (the torch/sdpa ones size their work from
+        host lists) and static rope tables (dynamic NTK recomputes them per request)."""
+        return (
+            self.device.type == "cuda"
+            and self.attention_backend == "triton"
+            and self.config.cuda_graph_max_batch_size > 0
+            and self.arch.rope_type != "dynamic"
+        )
+
+    def _capture_target_graphs(self, num_spec: int) -> None:
+        limit = min(self.config.cuda_graph_max_batch_size, self.config.scheduler.max_num_seqs)
+        max_len = self.max_model_len + num_spec
+        try:
+            self.runner.enable_cuda_graphs(
+                default_capture_sizes(limit),
+                max_blocks_per_seq=-(-max_len // self.config.cache.block_size) + 1,
+                max_seq_len=max_len,
+            )
+        except Exception:  # a capture problem costs speed, never the engine
+            logger.exception("target CUDA graph capture failed; decode runs eagerly")
+            self.runner.graphs = None
+            return
+        self.memory_report["cuda_graph_bytes"] = self.runner.graphs.memory_bytes
+        logger.info(
+            "decode CUDA graphs: %d sizes up to batch %d, %.1f MiB",
+            len(self.runner.graphs.sizes), limit, self.runner.graphs.memory_bytes / 2**20,
+        )
+
     def _capture_draft_graphs(self, proposer: DraftProposer, num_spec: int) -> None:
         """CUDA: the draft's single-token forwards (all but the first of each proposal) replay
         decode graphs up to ``cuda_graph_max_batch_size``; on failure the draft runs eagerly."""
         limit = min(self.config.cuda_graph_max_batch_size, self.config.scheduler.max_num_seqs)
-        if self.device.type != "cuda" or limit < 1:
-            return
-        from rayfleet.replicas.cuda_graphs import default_capture_sizes
-
         max_len = self.max_model_len + num_spec
         try:
             proposer.enable_cuda_graphs(

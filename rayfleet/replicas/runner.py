@@ -23,6 +23,7 @@ import torch
 
 from rayfleet import kernels
 from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet.replicas.cuda_graphs import DecodeGraphs
 from rayfleet.replicas.engine.request import max_num_spec_tokens
 from rayfleet.replicas.engine.scheduler import RunnerOutput, SchedulerOutput
 from rayfleet.replicas.model.forward import ForwardBatch
@@ -127,6 +128,8 @@ class ModelRunner:
                 self.spec_policy = AdaptiveSpecPolicy(num_speculative_tokens)
         # block id -> its draft KV is complete for all block_size slots (see _refresh_draft_flags).
         self._draft_block_valid: list[bool] = []
+        # Decode CUDA graphs of the target (enable_cuda_graphs); None = always eager.
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache ------------------------------------------------------------------------------
     @property
@@ -156,6 +159,23 @@ class ModelRunner:
         if self.proposer is not None:
             self.proposer.allocate_kv_cache(num_blocks)
             self._draft_block_valid = [False] * num_blocks
+
+    def enable_cuda_graphs(
+        self, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
+    ) -> None:
+        """Capture the target's decode graphs (CUDA, after allocate_kv_cache). Steps where every
+        request computes one token replay them; others (prefill, verification) run eagerly."""
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.attention,
+            self.write_kv,
+            capture_sizes=capture_sizes,
+            max_blocks_per_seq=max_blocks_per_seq,
+            max_seq_len=max_seq_len,
+            device=self.device,
+        )
+        self.graphs.capture()
 
     @torch.inference_mode()
     def profile_num_blocks(
@@ -298,11 +318,12 @@ class ModelRunner:
                 num_spec.append(k)
                 logits_idx.extend(range(qsl[-1] - k - 1, qsl[-1]))
         meta = self._metadata(slots, qsl, seq_lens, tables)
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
-            self._batch(meta),
-        )
+        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        if self.graphs is not None and self.graphs.can_run(meta, len(input_ids)):
+            hidden = self.graphs.run(ids_t, pos_t, meta)
+        else:
+            hidden = self.model(ids_t, pos_t, self._batch(meta))
         out = RunnerOutput()
         if sample_rids:
             logits = self.model.compute_logits(

@@ -25,7 +25,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(20, 57)), [3], list(range(100, 11
     ("qwen2", {"tie_word_embeddings": True}),
     ("qwen3", {"head_dim": 32}),
 ])
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 def test_greedy_fp32_cuda_matches_transformers(tmp_path: Path, arch, kw, backend) -> None:
     model_dir = make_tiny_model(tmp_path / arch, arch, **kw)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
