@@ -22,6 +22,7 @@ from rayfleet.router.ingress import Ingress
 
 LLM_DEPLOYMENT = "LLMReplica"
 INGRESS_DEPLOYMENT = "Ingress"
+PREFIX_ROUTER_CLASS = "rayfleet.router.serve_router:PrefixAwareRequestRouter"
 
 
 def resolve_model(cfg: ServeConfig) -> ServeConfig:
@@ -33,6 +34,20 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
     return cfg.replace(model=default_demo_model())
 
 
+def request_router_config(cfg: ServeConfig) -> RequestRouterConfig:
+    """Serve's router for the ingress -> LLMReplica handle: rayfleet's prefix-aware router in
+    ``cfg.routing`` mode, or Serve's built-in one for "default". Stats (load + KV events) are
+    collected every ``routing_stats_period_s`` either way (GetServerInfo shows them)."""
+    opts: dict[str, Any] = {
+        "request_routing_stats_period_s": cfg.routing_stats_period_s,
+        "request_routing_stats_timeout_s": max(5.0, 4 * cfg.routing_stats_period_s),
+    }
+    if cfg.routing != "default":
+        opts["request_router_class"] = PREFIX_ROUTER_CLASS
+        opts["request_router_kwargs"] = {"mode": cfg.routing}
+    return RequestRouterConfig(**opts)
+
+
 def llm_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     tp = cfg.tensor_parallel_size
     opts: dict[str, Any] = {
@@ -41,9 +56,7 @@ def llm_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": cfg.max_queued_requests,
         "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": 1.0,
-        "request_router_config": RequestRouterConfig(
-            request_routing_stats_period_s=cfg.routing_stats_period_s,
-        ),
+        "request_router_config": request_router_config(cfg),
         "health_check_period_s": 5.0,
         # Loading a large checkpoint (or profiling the KV cache) takes a while.
         "health_check_timeout_s": 60.0,

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from rayfleet.cluster.serve_config import AutoscalingSpec, ServeConfig
+from rayfleet.cluster.serve_config import ROUTING_MODES, AutoscalingSpec, ServeConfig
 
 # Flags that map 1:1 onto engine options (merged over the config file's ``engine`` mapping).
 _ENGINE_FLAGS = (
@@ -43,6 +43,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, help="per caller; -1 = unbounded")
     p.add_argument("--drain-timeout", type=float, dest="drain_timeout_s")
     p.add_argument("--metrics-export-port", type=int, help="Ray metrics port (local head)")
+    p.add_argument(
+        "--routing",
+        choices=list(ROUTING_MODES),
+        help="how the ingress picks a replica (default prefix_precise; 'default' = Serve's own)",
+    )
     for flag, typ, _key in _ENGINE_FLAGS:
         p.add_argument(flag, type=typ, default=None, help="engine option")
     p.add_argument(
@@ -90,6 +95,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         "max_queued_requests": a.max_queued_requests,
         "drain_timeout_s": a.drain_timeout_s,
         "metrics_export_port": a.metrics_export_port,
+        "routing": a.routing,
     }
     if a.model or a.model_shape:
         changes["model"] = a.model
@@ -224,3 +230,11 @@ def add_cluster_commands(
     bs = bench_sub.add_parser("serve", help="load a running server: Poisson arrivals over gRPC")
     add_bench_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    from rayfleet.benchmarks.routing_live import add_bench_routing_args, cmd_bench_routing
+
+    br = bench_sub.add_parser(
+        "routing", help="compare the routing modes on a live cluster (shared-prefix tenants)"
+    )
+    add_bench_routing_args(br)
+    br.set_defaults(func=cmd_bench_routing)

@@ -109,6 +109,52 @@ class ReplicaMetrics:
         ]
 
 
+ROUTING_LATENCY_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2]
+
+
+class RouterMetrics:
+    """The prefix-aware router's closed loop (recorded in the ingress process, where Serve runs
+    the router). ``mode`` is the routing mode that decided the request."""
+
+    def __init__(self, app: str) -> None:
+        from ray.util import metrics as m
+
+        tags = ("app", "mode")
+        self.predicted_cached_tokens = m.Counter(
+            "rayfleet_router_predicted_cached_tokens_total",
+            description="Prompt tokens the router predicted the chosen replica had cached.",
+            tag_keys=tags,
+        )
+        self.actual_cached_tokens = m.Counter(
+            "rayfleet_router_actual_cached_tokens_total",
+            description="Prompt tokens the engine found cached (same requests as predicted).",
+            tag_keys=tags,
+        )
+        self.decisions = m.Counter(
+            "rayfleet_router_decisions_total",
+            description="Routing decisions, by what decided them (prefix|load|session|...).",
+            tag_keys=(*tags, "reason"),
+        )
+        self.decision_latency = m.Histogram(
+            "rayfleet_router_decision_latency_seconds",
+            description="Time in the routing policy per decision (index match + scoring).",
+            boundaries=ROUTING_LATENCY_BUCKETS,
+            tag_keys=tags,
+        )
+        for metric in (
+            self.predicted_cached_tokens,
+            self.actual_cached_tokens,
+            self.decisions,
+            self.decision_latency,
+        ):
+            metric.set_default_tags({"app": app})
+
+
+@cache
+def router_metrics(app: str) -> RouterMetrics:
+    return RouterMetrics(app)
+
+
 @cache
 def ingress_metrics(model: str) -> IngressMetrics:
     return IngressMetrics(model)

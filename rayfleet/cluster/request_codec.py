@@ -56,6 +56,14 @@ class GenerationJob:
     tenant: str | None = None
     session_id: str | None = None
     prompt_text: str | None = None  # kept for logs/echo only; the engine gets the ids
+    # For the ingress's request router only (rayfleet.router.routing_state.RoutingHint): block
+    # hashes, session key, mode. It never leaves the ingress process (dropped when pickled).
+    routing: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["routing"] = None
+        return state
 
 
 @dataclass

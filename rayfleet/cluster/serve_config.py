@@ -29,7 +29,12 @@ from typing import Any
 
 from rayfleet.config import DEVICES
 
-ROUTING_MODES = ("default",)  # "prefix" arrives with the prefix-aware RequestRouter
+# How the ingress's handle picks an LLM replica. "default": Serve's built-in power-of-two-choices
+# router (no hashing at the ingress); the others: rayfleet's PrefixAwareRequestRouter in that
+# mode (rayfleet.router.policy.RoutingMode): round_robin and least_loaded are the baselines,
+# prefix_approx matches against the router's own predictions only, prefix_precise also applies
+# the replicas' KV events.
+ROUTING_MODES = ("default", "round_robin", "least_loaded", "prefix_approx", "prefix_precise")
 APP_IMPORT_PATH = "rayfleet.cluster.app:build_app"
 # What Serve's gRPC proxy registers: our service and the standard health service. Reflection is
 # Serve's own (gRPCOptions.enable_reflection).
@@ -134,8 +139,10 @@ class ServeConfig:
     grpc_port: int = 50051
     http_port: int = 8000
     http_host: str = "127.0.0.1"
-    routing: str = "default"
-    routing_stats_period_s: float = 1.0
+    routing: str = "prefix_precise"
+    # How often Serve collects each replica's routing stats (load + KV events): the delay before
+    # a router sees a replica's evictions is about this plus ~0.1 s.
+    routing_stats_period_s: float = 0.5
     drain_timeout_s: float = 30.0  # in-flight requests get this long to finish on shutdown
     request_timeout_s: float | None = None
     app_name: str = "rayfleet"

@@ -9,7 +9,18 @@ Every ``STATS_PERIOD_S`` a background task snapshots the engine (running/waiting
 tokens, KV usage, prefix-cache counters), sets the Prometheus gauges, and publishes the snapshot
 to Ray's internal KV under ``{app}/{replica_id}`` so any ingress replica can answer
 GetServerInfo for all LLM replicas. The same snapshot is what ``record_routing_stats`` returns to
-Serve for a request router.
+Serve for a request router, plus the replica's KV events.
+
+KV events (the router's second source of truth, next to its own predictions). The block pool
+records the hashes it caches and evicts; every stats pass drains them under the engine lock into
+``_event_net``, hash -> "held now?" (the pool's own map is the truth at drain time, so a hash
+stored then evicted within one period nets to removed, and evicted then recomputed to stored).
+Each ``record_routing_stats`` call (Serve's controller, every ``request_routing_stats_period_s``)
+seals the net changes into one batch with the next sequence number and returns the last
+``KV_EVENT_WINDOW`` batches; the controller broadcasts them to every handle's router, which
+applies each batch once (``rayfleet.router.routing_state.KVEventCursor``). Latency from the
+engine caching a block to the routers' indexes: one stats period plus the controller's loop and
+long poll, about 0.6 s at the 0.5 s default.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -30,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
 STATS_NAMESPACE = "rayfleet_stats"
-# KV events (stored, removed block hashes) kept for a router that has not asked yet.
-MAX_BUFFERED_KV_EVENTS = 4096
+# Sealed KV event batches repeated in every routing-stats snapshot: a router that misses up to
+# KV_EVENT_WINDOW - 1 broadcasts still applies every batch.
+KV_EVENT_WINDOW = 3
 
 
 def _replica_id() -> str:
@@ -61,8 +74,8 @@ def _value_error_to_request_error(e: ValueError) -> RequestError:
 
 class LLMReplica:
     """One engine per replica. Methods called through the handle: ``generate`` (streaming),
-    ``describe``, ``stats``, ``ready``, ``take_kv_events``; Serve calls ``record_routing_stats``
-    and ``check_health``."""
+    ``describe``, ``stats``, ``ready``; Serve calls ``record_routing_stats`` and
+    ``check_health``."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         from rayfleet.cluster.engine_factory import build_engine
@@ -86,7 +99,11 @@ class LLMReplica:
         self._totals = {"prompt": 0, "generated": 0, "cached": 0, "aborts": 0}
         self._flushed = dict(self._totals)
         self._flushed_preemptions = 0
-        self._kv_events: deque[tuple[list, list]] = deque(maxlen=MAX_BUFFERED_KV_EVENTS)
+        # hash -> held now? (net KV changes since the last sealed batch; see module docstring)
+        self._event_net: dict[int, bool] = {}
+        self._event_lock = threading.Lock()  # _collect runs in worker threads
+        self._event_batches: deque[tuple[int, list[int], list[int]]] = deque(maxlen=KV_EVENT_WINDOW)
+        self._event_seq = 0
         self._snapshot: dict[str, Any] = self._collect()
         self._stats_task: asyncio.Task | None = None
         self._closed = False
@@ -153,6 +170,8 @@ class LLMReplica:
             "dtype": str(eng.dtype).replace("torch.", ""),
             "device": cfg.device,
             "block_size": cfg.cache.block_size,
+            "hash_seed": cfg.cache.hash_seed,
+            "prefix_caching": cfg.cache.enable_prefix_caching,
             "num_kv_blocks": eng.num_blocks - 1,
             "kv_capacity_tokens": (eng.num_blocks - 1) * cfg.cache.block_size,
             "max_model_len": eng.max_model_len,
@@ -165,24 +184,34 @@ class LLMReplica:
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self._collect)
 
-    async def take_kv_events(self) -> list[tuple[list, list]]:
-        """(stored, removed) block-hash batches since the last call, oldest first."""
-        events = list(self._kv_events)
-        self._kv_events.clear()
-        return events
-
     # ---- Serve hooks ---------------------------------------------------------------------------
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Called by Serve every ``request_routing_stats_period_s``: the latest snapshot, for a
-        RequestRouter (``RunningReplica.routing_stats``)."""
-        s = self._snapshot
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Serve every ``request_routing_stats_period_s``: a fresh snapshot (load) and
+        the last KV event batches, for the RequestRouter (``RunningReplica.routing_stats``)."""
+        s = await asyncio.to_thread(self._collect)
+        self._snapshot = s
         return {
+            "time": s["time"],
             "kv_usage": s["kv_usage"],
             "num_running": s["num_running"],
             "num_waiting": s["num_waiting"],
             "queued_prefill_tokens": s["queued_prefill_tokens"],
+            "decode_tokens": s["decode_tokens"],
             "num_kv_blocks": s["num_kv_blocks"],
+            "kv_events": self._seal_kv_events(),
         }
+
+    def _seal_kv_events(self) -> list[tuple[int, list[int], list[int]]]:
+        """Turn the net changes since the last call into batch ``seq + 1`` (if any) and return
+        the window, oldest first."""
+        with self._event_lock:
+            net, self._event_net = self._event_net, {}
+            if net:
+                self._event_seq += 1
+                stored = [h for h, held in net.items() if held]
+                removed = [h for h, held in net.items() if not held]
+                self._event_batches.append((self._event_seq, stored, removed))
+            return list(self._event_batches)
 
     def check_health(self) -> None:
         dead = getattr(self._engine, "_dead", None)
@@ -213,18 +242,27 @@ class LLMReplica:
             st = sched.stats()
             waiting = list(sched.waiting)
             running = list(sched.running)
-            events = sched.pool.take_events()
-            num_kv_blocks = sched.pool.num_usable_blocks
-        if events[0] or events[1]:
-            self._kv_events.append(events)
+            pool = sched.pool
+            stored, removed = pool.take_events()
+            # Net against the pool's map while the engine cannot change it (module docstring).
+            changes = {h: h in pool.cached for h in (*removed, *stored)}
+            num_kv_blocks = pool.num_usable_blocks
+        if changes:
+            with self._event_lock:
+                self._event_net.update(changes)
         queued = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
         queued += sum(max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in running)
+        # KV tokens of the sequences past their prompt (the policy's decode load).
+        decode = sum(
+            r.num_computed_tokens for r in running if r.num_computed_tokens >= r.num_prompt_tokens
+        )
         return {
             "replica_id": self.replica_id,
             "time": time.time(),
             "num_running": st.num_running,
             "num_waiting": st.num_waiting,
             "queued_prefill_tokens": queued,
+            "decode_tokens": decode,
             "kv_usage": float(st.kv_usage),
             "num_kv_blocks": num_kv_blocks,
             "prefix_cache_queries": st.prefix_cache_queries,

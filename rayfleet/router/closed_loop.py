@@ -148,6 +148,25 @@ class RouterCore:
         self.tracker.record(request_id, decision.replica, decision.predicted_cached_tokens)
         return decision
 
+    def reassign(
+        self,
+        request_id: Hashable,
+        replica: ReplicaId,
+        hashes: Sequence[BlockHash],
+        now: float,
+    ) -> int:
+        """The request ran on ``replica``, not on the one ``route`` chose (Serve fell back to a
+        lower rank because the chosen replica's queue was full). Predict there instead and re-
+        record the expected hit; returns the new predicted cached tokens. The prediction left on
+        the first choice expires by TTL (precise) or ages out of the LRU (approx)."""
+        matched = 0
+        if self.index is not None:
+            matched = self.index.match(hashes, now, touch=False).get(replica, 0)
+            self.index.predict(replica, hashes, now)
+        predicted = min(matched, len(hashes)) * self.block_size
+        self.tracker.record(request_id, replica, predicted)
+        return predicted
+
     def on_kv_events(
         self,
         replica: ReplicaId,

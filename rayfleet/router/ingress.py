@@ -11,6 +11,14 @@ Who ends a request, and how the replica learns of it (KV blocks are freed in eve
   replica queue full            BackPressureError before the first chunk -> RESOURCE_EXHAUSTED
 Abort finds requests of this ingress replica only; run one ingress replica (the default) or
 route Abort with the same session.
+
+Routing (``routing`` != "default"): before dispatch the ingress hashes the prompt exactly as the
+engine will (``hash_blocks`` with the replicas' block size and hash seed from ``describe()`` and
+the request's tenant) and attaches a ``RoutingHint`` (hashes, session id, mode) to the job; the
+PrefixAwareRequestRouter of ``self._llm`` (in this process) reads it, and the job is pickled to
+the replica without it. The final chunk's ``replica_id`` and ``num_cached_tokens`` go back to that
+router (predicted vs actual hits). A gRPC client may pick another mode for one request with the
+metadata ``rayfleet-routing: MODE`` (benchmarks compare modes on one set of replicas that way).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real
@@ -41,11 +49,15 @@ from rayfleet.cluster.request_codec import (
     job_from_proto,
 )
 from rayfleet.cluster.serve_config import ServeConfig
+from rayfleet.hashing import hash_blocks
 from rayfleet.protos_gen.v1 import generation_pb2 as pb
+from rayfleet.router.routing_state import RoutingHint, find_router
+from rayfleet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 HEALTHY_CACHE_S = 2.0
+ROUTING_METADATA_KEY = "rayfleet-routing"
 SERVICE_NAMES = ("", "rayfleet.v1.Generation")
 
 openai_app = FastAPI(title="rayfleet", version=rayfleet.__version__)
@@ -134,6 +146,28 @@ def _classify(e: BaseException) -> RequestError | None:
     return None
 
 
+def _routing_override(grpc_context: Any) -> str | None:
+    """The ``rayfleet-routing`` metadata value, validated (None when absent)."""
+    if grpc_context is None:
+        return None
+    try:
+        metadata = grpc_context.invocation_metadata() or ()
+    except Exception:
+        return None
+    for key, value in metadata:
+        if key == ROUTING_METADATA_KEY:
+            from rayfleet.router.policy import RoutingMode
+
+            modes = [m.value for m in RoutingMode]
+            if value not in modes:
+                raise RequestError.invalid(
+                    f"metadata {ROUTING_METADATA_KEY}",
+                    f"must be one of {', '.join(modes)}; got {value!r}",
+                )
+            return value
+    return None
+
+
 @serve.ingress(openai_app)
 class Ingress:
     def __init__(self, llm: DeploymentHandle, config: dict[str, Any]) -> None:
@@ -165,10 +199,42 @@ class Ingress:
             raise RequestError.invalid("request_id", f"{given!r} is already in flight")
         return given
 
-    async def _stream(self, job: GenerationJob, protocol: str) -> AsyncIterator[StreamChunk]:
+    def _router(self) -> Any | None:
+        return find_router(self._llm.app_name, self._llm.deployment_name)
+
+    def _routing_hint(self, job: GenerationJob, mode: str | None) -> RoutingHint | None:
+        """Block hashes of the prompt as the engine will compute them (None: Serve's routing)."""
+        if self._cfg.routing == "default":
+            return None
+        facts = self._view.engine_facts
+        block_size = int(facts["block_size"])
+        ids = job.prompt_token_ids
+        # The engine always computes the last prompt token, so at most the full blocks of the
+        # first n - 1 tokens can be served from its cache: those are the blocks worth matching.
+        hashes = hash_blocks(
+            ids[: len(ids) - 1],
+            block_size,
+            seed=int(facts.get("hash_seed", 0)),
+            tenant=job.tenant,
+        )
+        return RoutingHint(
+            request_id=job.request_id,
+            block_hashes=tuple(hashes),
+            block_size=block_size,
+            num_prompt_tokens=len(ids),
+            session_key=job.session_id,
+            mode=mode,
+        )
+
+    async def _stream(
+        self, job: GenerationJob, protocol: str, routing_mode: str | None = None
+    ) -> AsyncIterator[StreamChunk]:
         """Dispatch ``job`` to a replica and yield its chunks as they arrive; every exit path
         records one ``rayfleet_requests`` status and leaves no request running on the replica."""
         tags = {"protocol": protocol}
+        if not self._view.engine_facts:
+            await self._engine_facts()
+        job.routing = self._routing_hint(job, routing_mode)
         t0 = time.monotonic()
         last = t0
         status = ErrorKind.INTERNAL.value
@@ -186,12 +252,20 @@ class Ingress:
                 if n:
                     if last == t0:
                         self._metrics.ttft.observe(now - t0, tags=tags)
+                        router = self._router() if job.routing is not None else None
+                        if router is not None:
+                            router.report_prefilled(job.request_id)
                     else:
                         self._metrics.itl.observe((now - last) / n, tags=tags)
                     last = now
                 if chunk.finished:
                     finished = True
                     self._metrics.e2e.observe(now - t0, tags=tags)
+                    router = self._router() if job.routing is not None else None
+                    if router is not None:
+                        router.report_finished(
+                            job.request_id, chunk.replica_id, chunk.num_cached_tokens
+                        )
                 yield chunk
             status = "ok"
         except (asyncio.CancelledError, GeneratorExit):
@@ -217,6 +291,9 @@ class Ingress:
             self._inflight.pop(job.request_id, None)
             if not finished:
                 response.cancel()  # the replica aborts the request and frees its KV blocks
+                router = self._router() if job.routing is not None else None
+                if router is not None:
+                    router.report_aborted(job.request_id)
             self._metrics.requests.inc(tags={**tags, "status": status})
 
     async def _replicas_ready(self) -> bool:
@@ -242,13 +319,14 @@ class Ingress:
         try:
             if not self._view.engine_facts:
                 await self._engine_facts()
+            mode = _routing_override(grpc_context)
             job = job_from_proto(
                 request,
                 request_id=self._new_request_id(request.request_id),
                 limits=self._limits(),
                 tokenize=self._view.tokenize if self._view.tokenizer is not None else None,
             )
-            async for chunk in self._stream(job, "grpc"):
+            async for chunk in self._stream(job, "grpc", mode):
                 yield chunk_to_proto(chunk, request.output)
         except Exception as e:
             err = _classify(e)
@@ -308,6 +386,29 @@ class Ingress:
                 )
             )
         return info
+
+    # ---- routing introspection (through the handle: tests, operators) -------------------------
+    async def routing_debug(
+        self,
+        prompt_token_ids: list[int] | None = None,
+        tenant: str | None = None,
+        mode: str | None = None,
+    ) -> dict[str, Any]:
+        """This ingress replica's router state: mode, index size, event batches applied, and
+        per mode the predicted vs actual cached tokens. With ``prompt_token_ids``, also how many
+        leading blocks of that prompt each replica holds in ``mode``'s index ("match")."""
+        router = self._router()
+        out: dict[str, Any] = {"routing": self._cfg.routing, "router": None}
+        if router is None:
+            return out
+        out["router"] = router.debug_snapshot()
+        if prompt_token_ids is not None:
+            if not self._view.engine_facts:
+                await self._engine_facts()
+            job = GenerationJob("debug", list(prompt_token_ids), SamplingParams(), tenant=tenant)
+            hint = self._routing_hint(job, mode)
+            out["match"] = router.state.match(hint.block_hashes, mode) if hint else {}
+        return out
 
     # ---- gRPC: grpc.health.v1.Health -----------------------------------------------------------
     async def _health(

@@ -60,8 +60,10 @@ class Cluster:
         with self.channel() as ch:
             return self.stub(ch).GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
 
-    def num_aborted(self) -> int:
-        return sum(r.num_aborted for r in self.server_info().replicas)
+    def num_aborted(self) -> dict[str, int]:
+        """Aborts per live replica (a replica the autoscaler stops takes its count with it, so
+        compare per replica, not the sum)."""
+        return {r.replica_id: r.num_aborted for r in self.server_info().replicas}
 
     def wait_idle(self, timeout: float = 30.0) -> pb.ServerInfo:
         """Until every replica reports no running/waiting request and KV usage 0."""

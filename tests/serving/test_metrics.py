@@ -21,6 +21,10 @@ EXPECTED = (
     "rayfleet_num_requests_waiting",
     "rayfleet_kv_cache_usage_ratio",
     "rayfleet_aborted_requests",
+    # The prefix-aware router's closed loop (the app routes prefix_precise by default).
+    "rayfleet_router_predicted_cached_tokens_total",
+    "rayfleet_router_actual_cached_tokens_total",
+    "rayfleet_router_decision_latency_seconds",
 )
 # Counters appear once first incremented; preemptions need a full KV pool, so not checked here.
 

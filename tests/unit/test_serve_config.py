@@ -67,7 +67,7 @@ def test_yaml_roundtrip(tmp_path: Path) -> None:
             "fractional GPUs need tp=1",
         ),
         ({"max_queued_requests": 0}, "max_queued_requests must be -1"),
-        ({"routing": "prefix"}, "routing must be one of default"),
+        ({"routing": "prefix"}, "routing must be one of default, round_robin"),
         ({"grpc_port": 70000}, "grpc_port must be in"),
         ({"model": "a", "model_shape": "llama-3.2-1b"}, "not both"),
     ],
