@@ -1,21 +1,14 @@
-"""Kernel-test fixtures. Triton kernels run through Triton's CPU interpreter when no GPU is present.
-
-``TRITON_INTERPRET`` is read by ``triton.jit`` when a kernel is decorated, so it is set here, at
-collection time, before any test imports a Triton kernel module.
-"""
+"""Kernel-test fixtures. Triton kernels run through Triton's CPU interpreter when no GPU is
+present (``TRITON_INTERPRET`` is set by the root tests/conftest.py, before any collection)."""
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
