@@ -493,6 +493,13 @@ class Engine:
         return final
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``later`` carrying the deltas of both (cumulative fields are already ``later``'s)."""
+    later.new_token_ids = earlier.new_token_ids + later.new_token_ids
+    later.new_text = earlier.new_text + later.new_text
+    return later
+
+
 class EngineDeadError(RuntimeError):
     """The engine's step failed; every request in flight was failed with this error."""
 
@@ -537,12 +544,22 @@ class AsyncEngine:
             self._queues[rid] = (loop, queue)
         self._wakeup.set()
         finished = False
+        pending: RequestOutput | BaseException | None = None
         try:
             while True:
-                item = await queue.get()
+                item = pending if pending is not None else await queue.get()
+                pending = None
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # A consumer that fell behind gets one merged output, not one per step: under
+                # load this is what keeps per-message costs (Serve streaming) off the token rate.
+                while not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 yield item
                 if item.finished:
                     finished = True
