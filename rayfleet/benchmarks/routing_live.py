@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayfleet.cluster.bench_client import arrival_times, parse_rates, percentiles
+from rayfleet.cluster.bench_client import (
+    arrival_times,
+    count_errors,
+    dispatch,
+    parse_rates,
+    percentiles,
+)
 from rayfleet.hashing import hash_blocks
 
 MODES = ("round_robin", "least_loaded", "prefix_approx", "prefix_precise")
@@ -163,20 +169,9 @@ async def run_one(
     offsets = arrival_times(len(work), rate, random.Random(a.seed + 1))
     async with grpc.aio.insecure_channel(a.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        t0 = time.perf_counter()
-        tasks = []
-        for off, w in zip(offsets, work):
-            delay = t0 + off - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(stub, pb, w, a, metadata)))
-        records: list[Record] = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+        records, wall = await dispatch(offsets, work, lambda w: _one(stub, pb, w, a, metadata))
     ok = [r for r in records if r.error is None]
-    errors: dict[str, int] = {}
-    for r in records:
-        if r.error:
-            errors[r.error] = errors.get(r.error, 0) + 1
+    errors = count_errors(records)
     prompt = sum(r.prompt_tokens for r in ok)
     oracle_ok = sum(o for o, r in zip(oracle, records) if r.error is None)
     per_replica: dict[str, int] = {}

@@ -18,6 +18,7 @@ import math
 import platform
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,30 @@ class RequestRecord:
     error: str | None = None
 
 
+async def dispatch(
+    offsets: list[float], items: list[Any], start: Callable[[Any], Awaitable[Any]]
+) -> tuple[list[Any], float]:
+    """Start ``start(item)`` at ``offsets[i]`` seconds after now for each item (open loop: a slow
+    server does not slow the arrivals); returns the results in item order and the wall time."""
+    t0 = time.perf_counter()
+    tasks = []
+    for off, item in zip(offsets, items):
+        delay = t0 + off - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(start(item)))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - t0
+
+
+def count_errors(records: list[Any]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for r in records:
+        if r.error:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    return errors
+
+
 async def _one(stub: Any, pb: Any, prompt: list[int], output_len: int, timeout: float):
     rec = RequestRecord(sent=time.perf_counter())
     req = pb.GenerateRequest(
@@ -119,20 +144,11 @@ async def run_rate(
     offsets = arrival_times(len(prompts), rate, random.Random(seed))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        t0 = time.perf_counter()
-        tasks = []
-        for off, prompt in zip(offsets, prompts):
-            delay = t0 + off - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(stub, pb, prompt, output_len, timeout)))
-        records: list[RequestRecord] = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+        records, wall = await dispatch(
+            offsets, prompts, lambda prompt: _one(stub, pb, prompt, output_len, timeout)
+        )
     ok = [r for r in records if r.error is None]
-    errors: dict[str, int] = {}
-    for r in records:
-        if r.error:
-            errors[r.error] = errors.get(r.error, 0) + 1
+    errors = count_errors(records)
     out_tokens = sum(r.num_tokens for r in ok)
     return {
         "rate": rate if not math.isinf(rate) else "inf",

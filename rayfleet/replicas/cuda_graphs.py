@@ -62,6 +62,25 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
 
+    @classmethod
+    def capture_for(
+        cls, owner, *, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
+    ) -> DecodeGraphs:
+        """Capture graphs of ``owner``'s model over its KV caches. ``owner`` is a ModelRunner or
+        a DraftProposer: anything with model, kv_caches, attention, write_kv and device."""
+        graphs = cls(
+            owner.model,
+            owner.kv_caches,
+            owner.attention,
+            owner.write_kv,
+            capture_sizes=capture_sizes,
+            max_blocks_per_seq=max_blocks_per_seq,
+            max_seq_len=max_seq_len,
+            device=owner.device,
+        )
+        graphs.capture()
+        return graphs
+
     def _batch(self, b: int) -> ForwardBatch:
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:b],

@@ -80,6 +80,24 @@ def build_attention_metadata(
     )
 
 
+def allocate_kv_tensors(
+    arch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
+
+    Zeroed, not empty: padded/masked positions are multiplied by zero weights, and stale NaN bit
+    patterns in never-written slots would turn 0 * NaN into NaN.
+    """
+    shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(arch.num_layers)
+    ]
+
+
 def kv_cache_bytes_per_block(
     num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> int:
@@ -145,16 +163,9 @@ class ModelRunner:
         return target + (self.proposer.bytes_per_block if self.proposer is not None else 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        # Zeroed, not empty: padded/masked positions are multiplied by zero weights, and stale
-        # NaN bit patterns in never-written slots would turn 0 * NaN into NaN.
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.arch.num_layers)
-        ]
+        self.kv_caches = allocate_kv_tensors(
+            self.arch, num_blocks, self.block_size, self.dtype, self.device
+        )
         self.num_blocks = num_blocks
         if self.proposer is not None:
             self.proposer.allocate_kv_cache(num_blocks)
@@ -165,17 +176,12 @@ class ModelRunner:
     ) -> None:
         """Capture the target's decode graphs (CUDA, after allocate_kv_cache). Steps where every
         request computes one token replay them; others (prefill, verification) run eagerly."""
-        self.graphs = DecodeGraphs(
-            self.model,
-            self.kv_caches,
-            self.attention,
-            self.write_kv,
+        self.graphs = DecodeGraphs.capture_for(
+            self,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
-            device=self.device,
         )
-        self.graphs.capture()
 
     @torch.inference_mode()
     def profile_num_blocks(

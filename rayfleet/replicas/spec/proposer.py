@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rayfleet.replicas.cuda_graphs import DecodeGraphs
 from rayfleet.replicas.model.forward import ForwardBatch
 from rayfleet.replicas.runner import (
+    allocate_kv_tensors,
     build_attention_metadata,
     kv_cache_bytes_per_block,
     slot_mapping,
@@ -94,33 +96,22 @@ class DraftProposer:
         )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.arch.num_layers)
-        ]
+        self.kv_caches = allocate_kv_tensors(
+            self.arch, num_blocks, self.block_size, self.dtype, self.device
+        )
 
     def enable_cuda_graphs(
         self, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
     ) -> None:
         """Capture decode graphs for the draft (CUDA; after allocate_kv_cache). Every proposal
         forward after the first feeds one token per request: exactly a decode step."""
-        from rayfleet.replicas.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(
-            self.model,
-            self.kv_caches,
-            self.attention,
-            self.write_kv,
+        self.graphs = DecodeGraphs.capture_for(
+            self,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
-            device=self.device,
         )
-        self.graphs.capture()
 
     def _forward(
         self, input_ids: list[int], positions: list[int], spans: list[tuple[list[int], int, int]]
