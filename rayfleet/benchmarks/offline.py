@@ -150,29 +150,16 @@ def run_engine(engine, prompts: list[list[int]], output_len: int, device: str) -
 
 
 def build_engine(a: argparse.Namespace):
-    from rayfleet.cli import _engine_kwargs  # noqa: I001  (CLI owns the flag -> config mapping)
-    from rayfleet.config import EngineConfig
-    from rayfleet.replicas.llm_engine import Engine, resolve_dtype
-    from rayfleet.replicas.model import build_random_model
-    from rayfleet.replicas.model.shapes import MODEL_SHAPES
+    from rayfleet.cli import _engine_kwargs  # the CLI owns the flag -> config mapping
+    from rayfleet.cluster.engine_factory import build_engine as build
 
     kwargs = _engine_kwargs(a)
-    if a.model_shape:
-        if a.model_shape not in MODEL_SHAPES:
-            raise SystemExit(
-                f"unknown --model-shape {a.model_shape!r}; known: {sorted(MODEL_SHAPES)}"
-            )
-        arch = MODEL_SHAPES[a.model_shape]
-        dtype = resolve_dtype(a.dtype if a.dtype != "auto" else "bfloat16", None)
-        model = build_random_model(arch, dtype, torch.device(a.device), seed=a.seed)
-        kwargs["dtype"] = str(dtype).replace("torch.", "")
+    if not a.model_shape:
         kwargs["show_progress"] = False
-        config = EngineConfig.from_kwargs(f"<random {a.model_shape}>", **kwargs)
-        return Engine(config, model=model), arch
-    if not a.model:
-        raise SystemExit("give --model DIR or --model-shape NAME")
-    config = EngineConfig.from_kwargs(a.model, **kwargs)
-    engine = Engine(config)
+    try:
+        engine = build(a.model, kwargs, model_shape=a.model_shape, weights_seed=a.seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return engine, engine.arch
 
 
