@@ -159,7 +159,7 @@ class LLMReplica:
                 self._totals["aborts"] += 1
 
     async def ready(self) -> bool:
-        return not self._closed and getattr(self._engine, "_dead", None) is None
+        return not self._closed and self._engine.failure is None
 
     async def describe(self) -> dict[str, Any]:
         """Static facts of this replica's engine (dtype, KV pool, limits)."""
@@ -214,7 +214,7 @@ class LLMReplica:
             return list(self._event_batches)
 
     def check_health(self) -> None:
-        dead = getattr(self._engine, "_dead", None)
+        dead = self._engine.failure
         if dead is not None:
             raise RuntimeError(f"engine of replica {self.replica_id} failed: {dead!r}")
 
@@ -234,19 +234,23 @@ class LLMReplica:
     def _collect(self) -> dict[str, Any]:
         """Snapshot the scheduler. Runs off the event loop: it waits for the engine's lock, which
         the engine thread holds for the duration of a step."""
-        aeng = self._engine
-        sched = aeng.engine.scheduler
-        # AsyncEngine steps under this lock; reading the scheduler outside it could see a
-        # half-updated step. (Private attribute: AsyncEngine has no public snapshot hook yet.)
-        with aeng._lock:
-            st = sched.stats()
-            waiting = list(sched.waiting)
-            running = list(sched.running)
+
+        def snapshot(engine):
+            # Between steps, so the scheduler is consistent; the KV events are netted against
+            # the pool's map while the engine cannot change it (module docstring).
+            sched = engine.scheduler
             pool = sched.pool
             stored, removed = pool.take_events()
-            # Net against the pool's map while the engine cannot change it (module docstring).
             changes = {h: h in pool.cached for h in (*removed, *stored)}
-            num_kv_blocks = pool.num_usable_blocks
+            return (
+                sched.stats(),
+                list(sched.waiting),
+                list(sched.running),
+                changes,
+                pool.num_usable_blocks,
+            )
+
+        st, waiting, running, changes, num_kv_blocks = self._engine.run_locked(snapshot)
         if changes:
             with self._event_lock:
                 self._event_net.update(changes)

@@ -11,9 +11,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -33,6 +34,8 @@ from rayfleet.replicas.spec.proposer import DraftProposer
 from rayfleet.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -572,6 +575,17 @@ class AsyncEngine:
         with self._lock:
             self._pending_aborts.append(request_id)
         self._wakeup.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The exception that killed the engine loop, or None while it is healthy."""
+        return self._dead
+
+    def run_locked(self, fn: Callable[[Engine], T]) -> T:
+        """``fn(engine)`` between steps: the engine thread steps under the same lock, so ``fn``
+        sees a consistent scheduler (e.g. a stats snapshot plus the pool's KV events)."""
+        with self._lock:
+            return fn(self.engine)
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         target = self._queues.get(rid)
