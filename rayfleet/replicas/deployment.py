@@ -151,8 +151,10 @@ class LLMReplica:
                         self._totals["aborts"] += 1
                 yield chunk
         except ValueError as e:  # admission: raised before the first output
+            finished = True  # rejected, not aborted
             raise _value_error_to_request_error(e) from None
         except EngineDeadError as e:
+            finished = True  # failed, not aborted
             raise RequestError(ErrorKind.UNAVAILABLE, f"replica {self.replica_id}: {e}") from None
         finally:
             if not finished:  # cancelled: AsyncEngine.generate's exit aborted it
@@ -236,30 +238,28 @@ class LLMReplica:
         the engine thread holds for the duration of a step."""
 
         def snapshot(engine):
-            # Between steps, so the scheduler is consistent; the KV events are netted against
-            # the pool's map while the engine cannot change it (module docstring).
+            # Between steps, so the scheduler and its requests are consistent; the KV events are
+            # netted against the pool's map while the engine cannot change it (module docstring).
             sched = engine.scheduler
             pool = sched.pool
             stored, removed = pool.take_events()
             changes = {h: h in pool.cached for h in (*removed, *stored)}
-            return (
-                sched.stats(),
-                list(sched.waiting),
-                list(sched.running),
-                changes,
-                pool.num_usable_blocks,
+            queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+            queued += sum(
+                max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in sched.running
             )
+            # KV tokens of the sequences past their prompt (the policy's decode load).
+            decode = sum(
+                r.num_computed_tokens
+                for r in sched.running
+                if r.num_computed_tokens >= r.num_prompt_tokens
+            )
+            return sched.stats(), changes, pool.num_usable_blocks, queued, decode
 
-        st, waiting, running, changes, num_kv_blocks = self._engine.run_locked(snapshot)
+        st, changes, num_kv_blocks, queued, decode = self._engine.run_locked(snapshot)
         if changes:
             with self._event_lock:
                 self._event_net.update(changes)
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
-        queued += sum(max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in running)
-        # KV tokens of the sequences past their prompt (the policy's decode load).
-        decode = sum(
-            r.num_computed_tokens for r in running if r.num_computed_tokens >= r.num_prompt_tokens
-        )
         return {
             "replica_id": self.replica_id,
             "time": time.time(),

@@ -425,9 +425,9 @@ class Engine:
             if stop is not None and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
                 tr.stop_reason = stop
-            elif cut and req.is_finished:
-                # The stop string ended the output before the token that finished the request
-                # (length / stop id): without speculation it would have stopped first.
+            elif stop is not None and req.is_finished:
+                # The stop string ended the output at (or, with speculation, before) the token
+                # that also finished the request by length / stop id: the stop string wins.
                 req.status = RequestStatus.FINISHED_STOPPED
                 tr.stop_reason = stop
             elif req.is_finished and req.status == RequestStatus.FINISHED_STOPPED:
@@ -538,11 +538,11 @@ class AsyncEngine:
         request_id: str | None = None,
         tenant: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine failed earlier: {self._dead!r}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # the loop sets _dead under this lock: no request can slip in after
+            if self._dead is not None:
+                raise EngineDeadError(f"engine is not running: {self._dead!r}")
             rid = self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant)
             self._queues[rid] = (loop, queue)
         self._wakeup.set()
@@ -588,15 +588,41 @@ class AsyncEngine:
             return fn(self.engine)
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        """Hand ``item`` to ``rid``'s consumer. Called with ``_lock`` held, in the same locked
+        section as the step that produced it, so a finished id's queue is gone before anyone can
+        reuse the id."""
         target = self._queues.get(rid)
         if target is None:
             return
         loop, queue = target
         if isinstance(item, BaseException) or item.finished:
             self._queues.pop(rid, None)
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this
+            self._queues.pop(rid, None)
+            self._pending_aborts.append(rid)
 
     def _loop(self) -> None:
+        """Run the engine; whatever ends it (a fault, shutdown) fails every waiting consumer with
+        EngineDeadError and makes later generate() calls raise, so no stream is left hanging."""
+        try:
+            self._run()
+            reason: BaseException = EngineDeadError("engine was shut down")
+        except BaseException as e:  # an engine fault fails the affected requests
+            logger.exception("engine loop failed")
+            reason = e
+        with self._lock:
+            self._dead = reason
+            err = EngineDeadError(f"engine step failed: {reason!r}")
+            for rid in list(self._queues):
+                try:
+                    self.engine.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
+                except Exception:  # the scheduler itself may be what failed
+                    logger.exception("could not free request %s", rid)
+                self._deliver(rid, err)
+
+    def _run(self) -> None:
         while not self._stopped:
             with self._lock:
                 aborts, self._pending_aborts = self._pending_aborts, []
@@ -609,20 +635,9 @@ class AsyncEngine:
                 self._wakeup.wait(0.1)
                 self._wakeup.clear()
                 continue
-            try:
-                with self._lock:
-                    outputs = self.engine.step()
-            except Exception as e:  # an engine fault fails the affected requests, never hangs them
-                logger.exception("engine step failed")
-                self._dead = e
-                err = EngineDeadError(f"engine step failed: {e!r}")
-                with self._lock:
-                    for rid in list(self._queues):
-                        self.engine.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
-                        self._deliver(rid, err)
-                return
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            with self._lock:
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
 
     def shutdown(self) -> None:
         self._stopped = True

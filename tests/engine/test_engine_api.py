@@ -6,13 +6,14 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from rayfleet import LLM, SamplingParams
 from rayfleet.config import EngineConfig
-from rayfleet.replicas.llm_engine import AsyncEngine, Engine
+from rayfleet.replicas.llm_engine import AsyncEngine, Engine, EngineDeadError
 from tests.model_factory import make_tiny_model
 
 
@@ -84,8 +85,9 @@ def test_eos_and_min_tokens(llm: LLM) -> None:
         pytest.skip("no prompt of this random model reaches EOS")
     assert out.token_ids[-1] == eos and out.stop_reason == eos
     n = len(out.token_ids)
-    held = llm.generate([[start, start + 1]], SamplingParams(temperature=0, max_tokens=30,
-                                                             min_tokens=n + 2))[0]
+    held = llm.generate(
+        [[start, start + 1]], SamplingParams(temperature=0, max_tokens=30, min_tokens=n + 2)
+    )[0]
     assert eos not in held.token_ids[: n + 2] and len(held.token_ids) >= n + 2
 
 
@@ -191,9 +193,24 @@ def test_async_engine_fault_fails_requests(model_dir: Path) -> None:
 
 def test_cli_generate_json(model_dir: Path) -> None:
     cmd = [
-        sys.executable, "-m", "rayfleet.cli", "generate", "--model", str(model_dir),
-        "--prompt", "def f(x):", "--prompt-ids", "5,6,7", "--max-tokens", "4",
-        "--temperature", "0", "--dtype", "float32", "--json", "--ignore-eos",
+        sys.executable,
+        "-m",
+        "rayfleet.cli",
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "def f(x):",
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--json",
+        "--ignore-eos",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -201,10 +218,14 @@ def test_cli_generate_json(model_dir: Path) -> None:
     assert len(lines) == 2
     assert lines[1]["num_prompt_tokens"] == 3 and len(lines[1]["token_ids"]) == 4
     for rec in lines:
-        assert set(rec) >= {"text", "token_ids", "finish_reason", "num_prompt_tokens",
-                            "num_cached_tokens"}
-    bad = subprocess.run(cmd + ["--top-p", "1.5"], capture_output=True, text=True,
-                         timeout=120)
+        assert set(rec) >= {
+            "text",
+            "token_ids",
+            "finish_reason",
+            "num_prompt_tokens",
+            "num_cached_tokens",
+        }
+    bad = subprocess.run(cmd + ["--top-p", "1.5"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "top_p" in bad.stderr
 
 
@@ -227,3 +248,73 @@ def test_slow_consumer_gets_merged_outputs(model_dir: Path) -> None:
         asyncio.run(main())
     finally:
         aeng.shutdown()
+
+
+def test_consumer_loop_closed_mid_stream_does_not_kill_the_engine(model_dir: Path) -> None:
+    """A caller whose event loop is gone (its asyncio.run() ended while its request still ran)
+    must not take the engine thread down with it: later requests are served."""
+    engine = Engine(EngineConfig.from_kwargs(str(model_dir), dtype="float32", show_progress=False))
+    aeng = AsyncEngine(engine)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def leave_early():
+        gen = aeng.generate(list(range(1, 20)), long)
+        await gen.__anext__()  # one output, then the loop closes with the request running
+
+    async def later():
+        outs = [o async for o in aeng.generate([5, 6, 7], SamplingParams(max_tokens=3))]
+        return outs[-1]
+
+    try:
+        asyncio.run(leave_early())
+        last = asyncio.run(asyncio.wait_for(later(), timeout=30))
+        assert last.finished and aeng.failure is None
+        for _ in range(100):  # the orphaned request is aborted and its blocks freed
+            if not engine.has_unfinished():
+                break
+            time.sleep(0.05)
+        assert not engine.has_unfinished()
+    finally:
+        aeng.shutdown()
+
+
+def test_shutdown_fails_waiting_streams_and_new_requests(model_dir: Path) -> None:
+    engine = Engine(EngineConfig.from_kwargs(str(model_dir), dtype="float32", show_progress=False))
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        gen = aeng.generate(list(range(1, 20)), SamplingParams(max_tokens=200, ignore_eos=True))
+        await gen.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, aeng.shutdown)
+        with pytest.raises(EngineDeadError):
+            async for _ in gen:
+                pass
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in aeng.generate([1, 2], SamplingParams(max_tokens=2)):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(llm: LLM) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for start in range(1, 60):
+        base = llm.generate([[start, start + 1]], greedy)[0]
+        before = llm.tokenizer.decode(base.token_ids[:5])
+        last = base.text[len(before) :]
+        if (
+            base.text.startswith(before)
+            and last.strip()
+            and "\ufffd" not in last
+            and last not in before
+        ):
+            break
+    else:
+        pytest.skip("no continuation with a clean last token")
+    out = llm.generate(
+        [[start, start + 1]],
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop=[last]),
+    )[0]
+    assert out.token_ids == base.token_ids
+    assert out.finish_reason == "stop" and out.stop_reason == last
+    assert out.text == before

@@ -313,8 +313,10 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         self.kv.free(req)
-        if self._runner_blocks.pop(request_id, None) is not None:
-            self._finished_ids.add(request_id)
+        # Always reported (also for a request the runner dropped at preemption): the runner's
+        # per-request state and the speculation policy's statistics are forgotten idempotently.
+        self._runner_blocks.pop(request_id, None)
+        self._finished_ids.add(request_id)
         return req
 
     def finish_many(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
