@@ -247,6 +247,17 @@ class ModelRunner:
         if self.spec_policy is not None:
             for rid in sched.finished_request_ids:
                 self.spec_policy.forget(rid)
+        if self.proposer is not None:
+            # Blocks allocated this step are about to be written by the target; any draft KV they
+            # hold is a previous owner's. Clear their flags before a request of this same step
+            # that hits them (prefix-cache registration happens at schedule time) trusts them.
+            bs = self.block_size
+            for new in sched.new_requests:
+                for b in new.block_ids[new.num_computed_tokens // bs :]:
+                    self._draft_block_valid[b] = False
+            for cached in sched.cached_requests:
+                for b in cached.new_block_ids:
+                    self._draft_block_valid[b] = False
         for new in sched.new_requests:
             st = _RunnerRequest(
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),

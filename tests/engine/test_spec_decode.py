@@ -649,3 +649,33 @@ def test_chi_square_catches_an_always_accepting_verifier(tiny_vocab, monkeypatch
     pvals = distribution_p_values(target, samples)
     print("broken verifier p-values:", pvals)
     assert min(pvals.values()) < 1e-6
+
+
+def test_same_step_prefix_hit_does_not_trust_a_reused_blocks_old_draft_flags(models_dir) -> None:
+    """A and B share a prompt and arrive together: B hits the blocks A allocates in that same
+    step (they are registered at scheduling). Those blocks are reused from an earlier request
+    whose draft KV they held, and A (k=0) never writes draft KV into them, so B must recompute
+    the draft's KV; with the target as its own draft, trusting the old flags shows up as
+    rejections."""
+    target = models_dir["target"]
+    policy = FixedSpecPolicy(3, {"req-2": 0})  # req-0, req-1 = warm-ups, req-2 = A, req-3 = B
+    # 12 usable blocks of 4 tokens. The long warm-up drafts over (and flags) blocks 1-10 and
+    # frees tail-first, so the queue starts 12, 11, 10, ...; the short one takes 12, 11 back
+    # to the tail, leaving flagged blocks 10, 9, 8, ... at the head for A.
+    llm = spec_llm(target, models_dir["same"], 3, policy, num_blocks=13)
+    llm.generate(
+        [list(range(100, 125))], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    )
+    llm.generate(
+        [[7, 8, 9, 10, 11]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    )
+    assert [b.block_id for b in llm.engine.scheduler.pool.free_queue][:5] == [10, 9, 8, 7, 6]
+    assert all(llm.engine.runner._draft_block_valid[i] for i in (10, 9, 8, 7, 6))
+    shared = list(range(40, 61))  # 5 full blocks + 1
+    short = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    a, b = llm.generate([shared + [1], shared + [2]], short)
+    assert b.num_cached_tokens == 20
+    ref = spec_llm(target, None, 0).generate([shared + [2]], short)[0]
+    assert b.token_ids == ref.token_ids
+    assert b.spec.num_drafted > 0 and b.spec.acceptance_rate == 1.0
+    assert_pool_full(llm)
