@@ -55,6 +55,12 @@ def get(op: str, backend: str | None = None) -> Callable[..., Any]:
     return impls[backend]
 
 
+def get_or_default(op: str, backend: str | None) -> Callable[..., Any]:
+    """``backend``'s implementation of ``op`` if it has one, else the default (e.g. the write_kv
+    that goes with the "sdpa" attention backend, which has no write_kv of its own)."""
+    return get(op, backend if backend in backends(op) else None)
+
+
 _loaded = False
 
 

@@ -172,9 +172,7 @@ class Engine:
                 dtype=self.dtype,
                 block_size=config.cache.block_size,
                 attention=kernels.get("paged_attention", backend),
-                write_kv=kernels.get(
-                    "write_kv", backend if backend in kernels.backends("write_kv") else None
-                ),
+                write_kv=kernels.get_or_default("write_kv", backend),
                 eos_token_ids=self.eos_token_ids,
                 seed=mc.seed,
             )

@@ -127,10 +127,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.attention = kernels.get("paged_attention", attention_backend)
-        self.write_kv = kernels.get(
-            "write_kv",
-            attention_backend if attention_backend in kernels.backends("write_kv") else None,
-        )
+        self.write_kv = kernels.get_or_default("write_kv", attention_backend)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -203,9 +200,7 @@ class ModelRunner:
             base = 1 + s * blocks_per_seq
             row = list(range(base, base + blocks_per_seq))
             positions.extend(range(n))
-            slots.extend(
-                row[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)
-            )
+            slots.extend(slot_mapping(row, 0, n, self.block_size))
             qsl.append(qsl[-1] + n)
             table.append(row)
         meta = self._metadata(slots, qsl, per_seq, table)
@@ -318,7 +313,7 @@ class ModelRunner:
             input_ids.extend(seq[start : start + n])
             positions.extend(range(start, start + n))
             table = st.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            slots.extend(slot_mapping(table, start, start + n, bs))
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)

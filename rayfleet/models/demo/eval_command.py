@@ -10,11 +10,11 @@ import math
 
 import torch
 
-from rayfleet.kernels import get as get_kernel
-from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet import kernels
 from rayfleet.models.demo import corpus, evaluate
 from rayfleet.replicas.model import load_model, read_arch_config
 from rayfleet.replicas.model.forward import ForwardBatch
+from rayfleet.replicas.runner import allocate_kv_tensors, build_attention_metadata, slot_mapping
 
 BLOCK_SIZE = 16
 
@@ -22,39 +22,23 @@ BLOCK_SIZE = 16
 def rayfleet_logits_fn(model: torch.nn.Module, device: torch.device, backend: str | None):
     """A ``logits_fn`` ([B, T] ids -> [B, T, V] logits) over rayfleet's model: each row is one
     request prefilled from scratch into its own blocks of a scratch paged cache."""
-    arch = model.arch
     dtype = next(model.parameters()).dtype
-    attention = get_kernel("paged_attention", backend)
-    write_kv = get_kernel("write_kv", backend if backend == "triton" else None)
+    attention = kernels.get("paged_attention", backend)
+    write_kv = kernels.get_or_default("write_kv", backend)
 
     def fn(ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
         per_seq = -(-t // BLOCK_SIZE)
-        shape = (1 + b * per_seq, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim)
-        caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(arch.num_layers)
-        ]
+        caches = allocate_kv_tensors(model.arch, 1 + b * per_seq, BLOCK_SIZE, dtype, device)
         # Request r owns blocks 1 + r*per_seq ... (block 0 stays the null block).
-        tables = torch.arange(b * per_seq, device=device, dtype=torch.int32).view(b, per_seq) + 1
-        pos = torch.arange(t, device=device)
-        slots = (tables.long()[:, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE).reshape(-1)
-        qsl = [i * t for i in range(b + 1)]
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-            seq_lens=torch.full((b,), t, dtype=torch.int32, device=device),
-            block_tables=tables,
-            max_query_len=t,
-            max_seq_len=t,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=[t] * b,
+        tables = [list(range(1 + r * per_seq, 1 + (r + 1) * per_seq)) for r in range(b)]
+        slots = [s for row in tables for s in slot_mapping(row, 0, t, BLOCK_SIZE)]
+        meta = build_attention_metadata(
+            slots, [i * t for i in range(b + 1)], [t] * b, tables, device
         )
         batch = ForwardBatch(meta=meta, kv_caches=caches, attention=attention, write_kv=write_kv)
-        hidden = model(ids.reshape(-1).to(device), pos.repeat(b), batch)
+        positions = torch.arange(t, device=device).repeat(b)
+        hidden = model(ids.reshape(-1).to(device), positions, batch)
         return model.compute_logits(hidden).view(b, t, -1)
 
     return fn
