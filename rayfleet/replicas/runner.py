@@ -269,8 +269,6 @@ class ModelRunner:
             self.requests[new.request_id] = st
         for cached in sched.cached_requests:
             st = self.requests[cached.request_id]
-            if cached.num_truncated_blocks:
-                del st.block_ids[len(st.block_ids) - cached.num_truncated_blocks :]
             st.block_ids.extend(cached.new_block_ids)
 
     def _start_positions(self, sched: SchedulerOutput) -> dict[str, int]:

@@ -46,13 +46,13 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
-    """A request the runner already holds: only what changed since its last step."""
+    """A request the runner already holds: only what changed since its last step. A request's
+    block list only grows while the runner holds it (rejected drafts roll back
+    num_computed_tokens, not blocks; preemption and finishing drop the runner's copy)."""
 
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
-    # Blocks the runner must forget from the tail of its table (draft rollback); 0 normally.
-    num_truncated_blocks: int = 0
 
 
 @dataclass
@@ -234,7 +234,6 @@ class Scheduler:
                     request_id=req.request_id,
                     new_block_ids=block_ids[sent:],
                     num_computed_tokens=req.num_computed_tokens,
-                    num_truncated_blocks=max(sent - len(block_ids), 0),
                 )
             )
         self._runner_blocks[req.request_id] = len(block_ids)
