@@ -127,6 +127,10 @@ class EngineConfig:
     attention_backend: str | None = None  # None = the fastest available for the device
     # CUDA graphs for decode steps up to this batch size (0 = eager only).
     cuda_graph_max_batch_size: int = 256
+    # Overlapped scheduling: schedule and prepare step N+1 (and detokenize step N) while the GPU
+    # runs step N. None = on for CUDA without a draft model; True forces it (also on CPU, where
+    # it only reorders work: tests use that), False turns it off.
+    overlap_scheduling: bool | None = None
     show_progress: bool = True
 
     def __post_init__(self) -> None:

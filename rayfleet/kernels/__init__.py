@@ -61,6 +61,14 @@ def get_or_default(op: str, backend: str | None) -> Callable[..., Any]:
     return get(op, backend if backend in backends(op) else None)
 
 
+def get_fused(op: str, backend: str | None) -> Callable[..., Any] | None:
+    """``backend``'s own implementation of a fused op, or None where the backend has none or is
+    the reference: callers then run the unfused reference ops (e.g. RoPE, then write_kv)."""
+    if backend is None or backend == REFERENCE or backend not in backends(op):
+        return None
+    return get(op, backend)
+
+
 _loaded = False
 
 

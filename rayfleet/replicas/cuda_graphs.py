@@ -37,6 +37,7 @@ class DecodeGraphs:
         attention: Callable[..., torch.Tensor],
         write_kv: Callable[..., None],
         *,
+        rope_and_write_kv: Callable[..., torch.Tensor] | None = None,
         capture_sizes: list[int],
         max_blocks_per_seq: int,
         max_seq_len: int,
@@ -46,6 +47,7 @@ class DecodeGraphs:
         self.kv_caches = kv_caches
         self.attention = attention
         self.write_kv = write_kv
+        self.rope_and_write_kv = rope_and_write_kv
         self.sizes = sorted(capture_sizes)
         self.max_size = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
@@ -67,12 +69,14 @@ class DecodeGraphs:
         cls, owner, *, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
     ) -> DecodeGraphs:
         """Capture graphs of ``owner``'s model over its KV caches. ``owner`` is a ModelRunner or
-        a DraftProposer: anything with model, kv_caches, attention, write_kv and device."""
+        a DraftProposer: anything with model, kv_caches, attention, write_kv, rope_and_write_kv
+        and device."""
         graphs = cls(
             owner.model,
             owner.kv_caches,
             owner.attention,
             owner.write_kv,
+            rope_and_write_kv=owner.rope_and_write_kv,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
@@ -95,7 +99,11 @@ class DecodeGraphs:
             seq_lens_cpu=[self.max_seq_len] * b,
         )
         return ForwardBatch(
-            meta=meta, kv_caches=self.kv_caches, attention=self.attention, write_kv=self.write_kv
+            meta=meta,
+            kv_caches=self.kv_caches,
+            attention=self.attention,
+            write_kv=self.write_kv,
+            rope_and_write_kv=self.rope_and_write_kv,
         )
 
     @torch.inference_mode()

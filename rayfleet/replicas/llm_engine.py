@@ -2,6 +2,17 @@
 add_request / step / abort, and AsyncEngine for streaming.
 
 step():  schedule() -> runner.execute() -> scheduler.update() -> detokenize, stop strings
+
+Overlapped (``overlap_scheduling``, default on CUDA without a draft model), one step in flight:
+
+    schedule(N+1) -> runner.launch(N+1) -> runner.resolve(N) -> update(N) -> detokenize(N)
+
+so the host schedules, prepares and detokenizes while the device computes. Step N+1 is scheduled
+before step N's tokens are known: a request sampling in N holds one pending token
+(Request.num_pending_tokens) that N+1 computes from the device-side copy. A request that N
+finishes (EOS, stop string, abort) has computed one token too many in N+1; that token is dropped.
+Requests whose sampling reads their generated ids (penalties, logprobs) switch the engine to
+synchronous steps while they run.
 """
 
 from __future__ import annotations
@@ -25,10 +36,11 @@ from rayfleet.outputs import RequestOutput, SpecStats
 from rayfleet.replicas.cuda_graphs import default_capture_sizes
 from rayfleet.replicas.detokenizer import IncrementalDetokenizer
 from rayfleet.replicas.engine.request import Request, RequestStatus
-from rayfleet.replicas.engine.scheduler import Scheduler, SchedulerOutput
+from rayfleet.replicas.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from rayfleet.replicas.model import load_model, read_arch_config
 from rayfleet.replicas.model.layers import use_kernel_backend
-from rayfleet.replicas.runner import ModelRunner
+from rayfleet.replicas.runner import ModelRunner, PendingStep
+from rayfleet.replicas.sampler import needs_host_history
 from rayfleet.replicas.spec.adaptive import SpecPolicy
 from rayfleet.replicas.spec.proposer import DraftProposer
 from rayfleet.sampling_params import SamplingParams
@@ -173,6 +185,7 @@ class Engine:
                 block_size=config.cache.block_size,
                 attention=kernels.get("paged_attention", backend),
                 write_kv=kernels.get_or_default("write_kv", backend),
+                rope_and_write_kv=kernels.get_fused("rope_and_write_kv", backend),
                 eos_token_ids=self.eos_token_ids,
                 seed=mc.seed,
             )
@@ -209,6 +222,19 @@ class Engine:
         )
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        overlap = config.overlap_scheduling
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        if overlap and proposer is not None:
+            if config.overlap_scheduling:
+                raise ValueError("overlap_scheduling does not combine with a draft model")
+            overlap = False
+        self.overlap = overlap
+        # The step in flight (overlap): its scheduler output and launched runner step.
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        # Live requests whose sampling reads their own generated ids: steps are synchronous
+        # while any runs.
+        self._history_readers: set[str] = set()
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
             self.num_blocks - 1,
@@ -374,6 +400,8 @@ class Engine:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
         )
         self.scheduler.add_request(req)
+        if needs_host_history(params):
+            self._history_readers.add(rid)
         self._tracked[rid] = _Tracked(
             request=req,
             prompt=text,
@@ -392,6 +420,7 @@ class Engine:
         return self._output(tr, finished=True)
 
     def has_unfinished(self) -> bool:
+        # A step still in flight matters only for requests the scheduler still runs.
         return self.scheduler.has_unfinished()
 
     @property
@@ -400,8 +429,31 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.overlap and not self._history_readers:
+            return self._step_overlapped()
+        if self._inflight is not None:  # leaving overlap: deliver the step in flight first
+            sched, pending = self._inflight
+            self._inflight = None
+            return self._process(sched, self.runner.resolve(pending))
         sched: SchedulerOutput = self.scheduler.schedule()
-        result = self.runner.execute(sched)
+        return self._process(sched, self.runner.execute(sched))
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Launch the next step, then finish the one in flight (see the module docstring)."""
+        sched = self.scheduler.schedule()
+        launched = self.runner.launch(sched)
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None:
+            prev_sched, pending = self._inflight
+            self._inflight = None
+            outputs = self._process(prev_sched, self.runner.resolve(pending))
+        if launched is not None:
+            self._inflight = (sched, launched)
+        return outputs
+
+    def _process(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """The host side of a finished step: tokens into the scheduler, detokenization, stop
+        strings, outputs."""
         touched = self.scheduler.update(sched, result)
         now = time.monotonic()
         outputs = []
@@ -460,6 +512,7 @@ class Engine:
         if finished:
             metrics["finished_time"] = now
             self._tracked.pop(req.request_id, None)
+            self._history_readers.discard(req.request_id)
         # take_delta(finished=True) flushes a held-back tail into output_text: call it first.
         new_text = tr.detok.take_delta(finished=finished) if tr.detok is not None else ""
         return RequestOutput(

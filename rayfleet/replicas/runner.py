@@ -51,6 +51,31 @@ class _RunnerRequest:
     # (tensor, rows) of the distributions the drafts were drawn from; None for greedy requests.
     draft_probs: tuple[torch.Tensor, list[int]] | None = None
     flags_dv: int = 0  # draft-valid verified prefix at the last _refresh_draft_flags
+    # Tokens sampled by launched steps not yet resolved (overlapped scheduling): they follow
+    # token_ids; the newest is in ModelRunner._prev_tokens until its step resolves.
+    num_pending: int = 0
+
+
+@dataclass
+class _StepInputs:
+    """One step's batch, on the device, plus what sampling needs."""
+
+    ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_rids: list[str]  # requests that sample this step, in row order
+    num_spec: list[int]  # drafts verified, per sampling request
+    logits_idx: list[int]  # rows of the hidden states to compute logits for
+    starts: dict[str, int]
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens are still on their way to the host (see launch)."""
+
+    states: list[tuple[str, _RunnerRequest]]  # the sampling requests, in row order
+    host_tokens: torch.Tensor | None  # [len(states)] int64 on the host (pinned on CUDA)
+    ready: torch.cuda.Event | None  # recorded after the device-to-host copy (CUDA)
 
 
 def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -69,10 +94,10 @@ def build_attention_metadata(
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        slot_mapping=to_device(slots, torch.int64, device),
+        query_start_loc=to_device(qsl, torch.int32, device),
+        seq_lens=to_device(seq_lens, torch.int32, device),
+        block_tables=to_device(padded, torch.int32, device),
         max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
         max_seq_len=max(seq_lens),
         query_start_loc_cpu=qsl,
@@ -128,6 +153,7 @@ class ModelRunner:
         self.block_size = block_size
         self.attention = kernels.get("paged_attention", attention_backend)
         self.write_kv = kernels.get_or_default("write_kv", attention_backend)
+        self.rope_and_write_kv = kernels.get_fused("rope_and_write_kv", attention_backend)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -145,6 +171,10 @@ class ModelRunner:
         self._draft_block_valid: list[bool] = []
         # Decode CUDA graphs of the target (enable_cuda_graphs); None = always eager.
         self.graphs: DecodeGraphs | None = None
+        # Overlapped scheduling: the newest launched step's sampled tokens (device) and the row
+        # of each sampling request in it, for the next step's inputs (see launch).
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[str, tuple[_RunnerRequest, int]] = {}
 
     # ---- KV cache ------------------------------------------------------------------------------
     @property
@@ -283,15 +313,22 @@ class ModelRunner:
 
     def _batch(self, meta: AttentionMetadata) -> ForwardBatch:
         return ForwardBatch(
-            meta=meta, kv_caches=self.kv_caches, attention=self.attention, write_kv=self.write_kv
+            meta=meta,
+            kv_caches=self.kv_caches,
+            attention=self.attention,
+            write_kv=self.write_kv,
+            rope_and_write_kv=self.rope_and_write_kv,
         )
 
-    @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        t_start = time.perf_counter()
+    def _prepare(self, sched: SchedulerOutput) -> _StepInputs | None:
+        """Apply the scheduler's changes and build the step's batch (None: nothing to run).
+
+        A position past a request's known tokens is the token its previous step sampled and has
+        not delivered yet (overlapped scheduling; one such position per request, its only one
+        this step): its input id is taken from ``_prev_tokens`` on the device."""
         self._update_states(sched)
         if sched.is_empty:
-            return RunnerOutput()
+            return None
         starts = self._start_positions(sched)
         bs = self.block_size
         input_ids: list[int] = []
@@ -303,19 +340,28 @@ class ModelRunner:
         sample_rids: list[str] = []
         num_spec: list[int] = []  # drafts verified, per sampling request
         logits_idx: list[int] = []
+        fill_dst: list[int] = []  # input rows whose id is a previous step's sampled token
+        fill_src: list[int] = []  # ... and its row in _prev_tokens
         for rid, n in sched.num_scheduled_tokens.items():
             st = self.requests[rid]
             start = starts[rid]
             spec = sched.spec_token_ids.get(rid)
             seq = st.token_ids + spec if spec else st.token_ids
-            input_ids.extend(seq[start : start + n])
+            known = seq[start : start + n]
+            if len(known) < n:
+                prev, row = self._prev_rows[rid]
+                assert prev is st and len(known) == n - 1 and st.num_pending, rid
+                fill_dst.append(len(input_ids) + n - 1)
+                fill_src.append(row)
+                known.append(0)
+            input_ids.extend(known)
             positions.extend(range(start, start + n))
             table = st.block_ids
             slots.extend(slot_mapping(table, start, start + n, bs))
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
-            num_verified = len(st.token_ids)
+            num_verified = len(st.token_ids) + st.num_pending
             if start + n >= num_verified:
                 # start <= num_verified - 1 always (the newest token's KV is never computed
                 # before its step), so the rows at positions num_verified-1 .. start+n-1 are
@@ -328,28 +374,107 @@ class ModelRunner:
                 num_spec.append(k)
                 logits_idx.extend(range(qsl[-1] - k - 1, qsl[-1]))
         meta = self._metadata(slots, qsl, seq_lens, tables)
-        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        if self.graphs is not None and self.graphs.can_run(meta, len(input_ids)):
-            hidden = self.graphs.run(ids_t, pos_t, meta)
+        ids_t = to_device(input_ids, torch.int64, self.device)
+        if fill_dst:
+            assert self._prev_tokens is not None
+            src = to_device(fill_src, torch.int64, self.device)
+            ids_t[to_device(fill_dst, torch.int64, self.device)] = self._prev_tokens[src]
+        return _StepInputs(
+            ids=ids_t,
+            positions=to_device(positions, torch.int64, self.device),
+            meta=meta,
+            sample_rids=sample_rids,
+            num_spec=num_spec,
+            logits_idx=logits_idx,
+            starts=starts,
+        )
+
+    def _forward(self, inp: _StepInputs) -> torch.Tensor | None:
+        """The model over the batch; logits [len(logits_idx), V] of the sampled rows, or None
+        when no request samples this step (its KV is written all the same)."""
+        if self.graphs is not None and self.graphs.can_run(inp.meta, inp.ids.shape[0]):
+            hidden = self.graphs.run(inp.ids, inp.positions, inp.meta)
         else:
-            hidden = self.model(ids_t, pos_t, self._batch(meta))
+            hidden = self.model(inp.ids, inp.positions, self._batch(inp.meta))
+        if not inp.logits_idx:
+            return None
+        if hidden.shape[0] != len(inp.logits_idx):  # else every row is sampled, in order
+            hidden = hidden[to_device(inp.logits_idx, torch.int64, self.device)]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run the step and return its sampled tokens (synchronizes with the device)."""
+        t_start = time.perf_counter()
+        inp = self._prepare(sched)
+        if inp is None:
+            return RunnerOutput()
+        logits = self._forward(inp)
         out = RunnerOutput()
-        if sample_rids:
-            logits = self.model.compute_logits(
-                hidden[torch.tensor(logits_idx, dtype=torch.int64, device=self.device)]
-            )  # [sum(k + 1), V]
-            self._sample(logits, sample_rids, num_spec, out)
+        if logits is not None:
+            self._sample(logits, inp.sample_rids, inp.num_spec, out)
         if self.proposer is not None:
-            self._speculate(sched, starts, sample_rids, out, t_start)
+            self._speculate(sched, inp.starts, inp.sample_rids, out, t_start)
+        return out
+
+    # ---- overlapped scheduling -----------------------------------------------------------------
+    # launch(N+1) runs before resolve(N): the engine schedules and prepares step N+1 while the
+    # device still runs step N. Only without a draft model, and only for requests whose sampling
+    # does not read their generated ids (see sampler.needs_host_history): a request's newest
+    # token can still be on the device when its next step is prepared.
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> PendingStep | None:
+        """Queue the step's device work; its sampled tokens stay on the device (they feed the
+        next step) and are copied to the host asynchronously. None when nothing runs."""
+        assert self.proposer is None, "overlapped scheduling runs without a draft model"
+        inp = self._prepare(sched)
+        if inp is None:
+            return None
+        logits = self._forward(inp)
+        if logits is None:
+            return None
+        states = [(rid, self.requests[rid]) for rid in inp.sample_rids]
+        rows = [self._sampler_row(st) for _, st in states]
+        tokens = self.sampler.sample_on_device(logits, rows)  # [R] int64
+        for _, st in states:
+            st.num_pending += 1
+        self._prev_tokens = tokens
+        self._prev_rows = {rid: (st, i) for i, (rid, st) in enumerate(states)}
+        if tokens.device.type != "cuda":
+            return PendingStep(states=states, host_tokens=tokens, ready=None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingStep(states=states, host_tokens=host, ready=ready)
+
+    def resolve(self, step: PendingStep) -> RunnerOutput:
+        """Wait for a launched step's tokens; append them to the requests the runner still holds
+        (a request finished or preempted since its launch is dropped here, and reported as
+        sampled all the same: the scheduler decides what a token still means)."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        assert step.host_tokens is not None
+        out = RunnerOutput()
+        for (rid, st), tok in zip(step.states, step.host_tokens.tolist()):
+            out.sampled_token_ids[rid] = [tok]
+            st.num_pending -= 1
+            if self.requests.get(rid) is st:
+                st.token_ids.append(tok)
+                st.output_token_ids.append(tok)
         return out
 
     def _sampler_row(self, st: _RunnerRequest) -> SamplerRow:
         return SamplerRow(
             params=st.params,
-            prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
+            # Only repetition penalties read the prompt: spare the copy otherwise.
+            prompt_token_ids=(
+                st.token_ids[: st.num_prompt_tokens] if st.params.repetition_penalty != 1.0 else ()
+            ),
             output_token_ids=st.output_token_ids,
             eos_token_ids=self.eos_token_ids,
+            num_pending=st.num_pending,
         )
 
     def _sample(
@@ -461,9 +586,7 @@ class ModelRunner:
             )
             if cap > 0 and not self._finished_by_token(st):
                 candidates.append((rid, cap))
-        chunk_tokens = sum(
-            n for rid, n in sched.num_scheduled_tokens.items() if rid not in sampled
-        )
+        chunk_tokens = sum(n for rid, n in sched.num_scheduled_tokens.items() if rid not in sampled)
         plan = policy.plan(
             candidates, num_requests=len(sample_rids), base_tokens=len(sample_rids) + chunk_tokens
         )
@@ -547,8 +670,16 @@ class ModelRunner:
         st.flags_dv = dv
 
 
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the device: staged through pinned
+    memory on CUDA (a pageable source can make the copy wait for the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return to_device(values, torch.long, device)
 
 
 def _gather_rows(

@@ -54,6 +54,24 @@ class SamplerRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # generated before this step's token
     eos_token_ids: frozenset[int]
+    # Outputs sampled by steps still in flight (overlapped scheduling): counted for min_tokens
+    # and seeded positions, absent from output_token_ids. Rows with penalties never have any.
+    num_pending: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
+
+
+def needs_host_history(params: SamplingParams) -> bool:
+    """Whether sampling this request reads its generated token ids (penalties) or reports on
+    them (logprobs): such a row cannot be sampled while its previous token is still in flight."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or params.logprobs is not None
+    )
 
 
 @dataclass
@@ -102,28 +120,51 @@ class Sampler:
         num_rows = len(rows)
         if num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
-        raw = logits.float()  # [N, V]
-        x = self.apply_penalties(raw, rows)
-        token_ids = torch.empty(num_rows, dtype=torch.long, device=x.device)
-
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature >= MIN_TEMPERATURE]
-        if greedy:
-            idx = _index(greedy, x.device)
-            token_ids[idx] = x[idx].argmax(dim=-1)
-        if sampled:
-            idx = _index(sampled, x.device)
-            sub_rows = [rows[i] for i in sampled]
-            probs = self.sampling_probs(x[idx], sub_rows)
-            race = probs / self._exponentials(sub_rows, probs)
-            token_ids[idx] = race.argmax(dim=-1)
-
+        token_ids = self.sample_on_device(logits, rows)
         ids = token_ids.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if want:
-            _fill_logprobs(raw, rows, want, token_ids, logprobs)
+            _fill_logprobs(logits.float(), rows, want, token_ids, logprobs)
         return SamplerOutput(token_ids=ids, logprobs=logprobs)
+
+    def sample_on_device(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+        """Token ids [N] (int64, on the logits' device), without synchronizing with the device:
+        overlapped scheduling copies them to the host later."""
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
+        if len(greedy) == len(rows) and not self._masks_anything(rows):
+            # argmax of the model-dtype logits equals argmax of their exact float32 upcast.
+            return logits.argmax(dim=-1)
+        x = self.apply_penalties(logits.float(), rows)  # [N, V]
+        if len(greedy) == len(rows):
+            return x.argmax(dim=-1)
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=x.device)
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature >= MIN_TEMPERATURE]
+        if greedy:
+            idx = _index(greedy, x.device)
+            token_ids[idx] = x[idx].argmax(dim=-1)
+        if len(sampled) == len(rows):
+            probs = self.sampling_probs(x, rows)
+            return (probs / self._exponentials(rows, probs)).argmax(dim=-1)
+        idx = _index(sampled, x.device)
+        sub_rows = [rows[i] for i in sampled]
+        probs = self.sampling_probs(x[idx], sub_rows)
+        race = probs / self._exponentials(sub_rows, probs)
+        token_ids[idx] = race.argmax(dim=-1)
+        return token_ids
+
+    @staticmethod
+    def _masks_anything(rows: list[SamplerRow]) -> bool:
+        """Whether apply_penalties would change any row (penalties or an active min_tokens)."""
+        return any(
+            r.params.repetition_penalty != 1.0
+            or (
+                (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0)
+                and r.num_output_tokens > 0
+            )
+            or r.num_output_tokens < r.params.min_tokens
+            for r in rows
+        )
 
     @staticmethod
     def token_logprobs(
@@ -140,7 +181,10 @@ class Sampler:
 
     @staticmethod
     def apply_penalties(raw: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-        """Repetition and presence/frequency penalties, min_tokens mask; returns a new tensor."""
+        """Repetition and presence/frequency penalties, min_tokens mask; returns a new tensor
+        (``raw`` itself when nothing applies)."""
+        if not Sampler._masks_anything(rows):
+            return raw
         x = raw.clone()
         vocab = x.shape[1]
         device = x.device
@@ -184,7 +228,7 @@ class Sampler:
 
         banned: list[int] = []
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) >= r.params.min_tokens:
+            if r.num_output_tokens >= r.params.min_tokens:
                 continue
             ids = set(r.params.stop_token_ids)
             if not r.params.ignore_eos:
@@ -255,7 +299,7 @@ class Sampler:
             if seed is None:
                 continue
             gen = self._row_generator(device)
-            gen.manual_seed(step_seed(seed, len(r.output_token_ids)))
+            gen.manual_seed(step_seed(seed, r.num_output_tokens))
             e[j].exponential_(generator=gen)
         # Exp(1) can come out as exactly 0; 0/0 would be NaN, which argmax ranks first.
         return e.clamp_(min=torch.finfo(e.dtype).tiny)

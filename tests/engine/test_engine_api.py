@@ -178,6 +178,7 @@ def test_async_engine_fault_fails_requests(model_dir: Path) -> None:
         raise RuntimeError("device lost")
 
     engine.runner.execute = boom
+    engine.runner.launch = boom  # the overlapped path (default on CUDA)
     aeng = AsyncEngine(engine)
 
     async def main():

@@ -67,6 +67,9 @@ class Request:
     # Draft tokens to verify this step; never hashed, never counted as output.
     spec_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled by steps still in flight (overlapped scheduling), not yet appended: the
+    # next step computes them from the runner's device-side copy. 0 outside overlap.
+    num_pending_tokens: int = 0
     # Prompt tokens served from the prefix cache at first scheduling (-1 until then).
     num_cached_tokens: int = -1
     num_preemptions: int = 0

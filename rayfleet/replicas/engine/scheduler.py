@@ -66,6 +66,9 @@ class SchedulerOutput:
     # Requests finished or preempted since the last step: the runner drops their state.
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
+    # The scheduled Request objects (scheduler-side, the runner ignores them): update() applies
+    # a step's tokens only to these very objects, not to a later request reusing an id.
+    requests: dict[str, Request] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -197,7 +200,14 @@ class Scheduler:
         return out
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
-        n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
+        if req.num_pending_tokens and (
+            req.num_output_tokens + req.num_pending_tokens >= req.max_tokens
+            or req.num_tokens + req.num_pending_tokens >= self.max_model_len
+        ):
+            return 0  # its in-flight token is its last: it finishes when that arrives
+        n = min(
+            req.num_tokens_with_spec + req.num_pending_tokens - req.num_computed_tokens, budget
+        )
         if self.long_prefill_token_threshold:
             n = min(n, self.long_prefill_token_threshold)
         return min(n, self.max_model_len - req.num_computed_tokens)
@@ -238,15 +248,19 @@ class Scheduler:
             )
         self._runner_blocks[req.request_id] = len(block_ids)
         out.num_scheduled_tokens[req.request_id] = n
+        out.requests[req.request_id] = req
         if req.spec_token_ids:
             out.spec_token_ids[req.request_id] = list(req.spec_token_ids)
         # Advanced at schedule time: the KV of these tokens is written by this step.
         req.num_computed_tokens += n
+        if req.num_computed_tokens >= req.num_tokens + req.num_pending_tokens:
+            req.num_pending_tokens += 1  # this step samples; update() will append the token
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_pending_tokens = 0  # a step in flight still delivers its token through update()
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions_total += 1
@@ -267,9 +281,10 @@ class Scheduler:
         """
         touched: list[Request] = []
         for rid, token_ids in result.sampled_token_ids.items():
-            req = self.requests.get(rid)
-            if req is None or req.is_finished:
+            req = sched.requests.get(rid)
+            if req is None or req.is_finished or self.requests.get(rid) is not req:
                 continue
+            req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
             req.num_computed_tokens = min(
                 req.num_computed_tokens, req.num_tokens + len(token_ids) - 1
             )

@@ -294,3 +294,18 @@ class Attention(nn.Module):
         k_cache, v_cache = batch.kv_caches[self.layer_idx]
         batch.write_kv(k, v, k_cache, v_cache, batch.meta.slot_mapping)
         return batch.attention(q, k_cache, v_cache, batch.meta, self.scale, self.sliding_window)
+
+    def rope_and_attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], not yet rotated
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], not yet rotated
+        v: torch.Tensor,
+        cos: torch.Tensor,  # [num_tokens, head_dim]
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """forward() with RoPE fused into the KV write (``batch.rope_and_write_kv``)."""
+        assert batch.rope_and_write_kv is not None
+        k_cache, v_cache = batch.kv_caches[self.layer_idx]
+        q = batch.rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, batch.meta.slot_mapping)
+        return batch.attention(q, k_cache, v_cache, batch.meta, self.scale, self.sliding_window)

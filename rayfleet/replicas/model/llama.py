@@ -64,8 +64,11 @@ class DecoderAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attn(q, k, v, batch)  # [T, num_heads, head_dim]
+        if batch.rope_and_write_kv is not None:
+            out = self.attn.rope_and_attend(q, k, v, cos, sin, batch)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = self.attn(q, k, v, batch)  # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -72,6 +72,7 @@ class DraftProposer:
         write_kv,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        rope_and_write_kv=None,
     ) -> None:
         self.model = model
         self.arch = model.arch
@@ -80,6 +81,7 @@ class DraftProposer:
         self.block_size = block_size
         self.attention = attention
         self.write_kv = write_kv
+        self.rope_and_write_kv = rope_and_write_kv
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Optional CUDA graphs for the single-token draft forwards (see enable_cuda_graphs).
@@ -129,7 +131,11 @@ class DraftProposer:
             tables.append(block_ids)
         meta = build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
         batch = ForwardBatch(
-            meta=meta, kv_caches=self.kv_caches, attention=self.attention, write_kv=self.write_kv
+            meta=meta,
+            kv_caches=self.kv_caches,
+            attention=self.attention,
+            write_kv=self.write_kv,
+            rope_and_write_kv=self.rope_and_write_kv,
         )
         dev = self.device
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
