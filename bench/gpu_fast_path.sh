@@ -5,11 +5,11 @@
 set -uo pipefail
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 out=${OUT:-bench/results}
-timeout 150 python3 -m pytest tests/gpu tests/kernels/test_engine_triton.py -q -x 2>&1 | tail -4 | tee "$out/gpu-tests.log"
+timeout 280 python3 -m pytest tests/gpu tests/kernels/test_engine_triton.py -q -x 2>&1 | tail -4 | tee "$out/gpu-tests.log"
 run() { timeout "$1" python3 -m rayfleet.cli bench offline --model-shape llama-3-8b --device cuda \
   --dtype bfloat16 "${@:2}" 2>&1 | grep -E "^rayfleet|^transformers|Error|error" | tail -3; }
 run 120 --num-requests 1 --input-len 512 --output-len 256 --output-json "$out/fast-llama-3-8b-batch1.json"
-run 300 --num-requests 1000 --input-len 1000 --output-len 1000 --output-json "$out/fast-llama-3-8b-1000x1000-1000.json"
+run 420 --num-requests 1000 --input-len 1000 --output-len 1000 --output-json "$out/fast-llama-3-8b-1000x1000-1000.json"
 run 90 --num-requests 1000 --input-len 128 --output-len 128 --output-json "$out/fast-llama-3-8b-1000x128-128.json"
 run 90 --num-requests 1000 --input-len 128 --output-len 128 --no-prefix-caching --output-json "$out/fast-llama-3-8b-1000x128-128-nocache.json"
 python3 - "$out" <<'PY'

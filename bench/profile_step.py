@@ -93,6 +93,7 @@ def run_scenario(
         walls.append(time.perf_counter() - t)
     torch.cuda.synchronize()
     timer.enabled = False
+    running = len(engine.scheduler.running)
     phases = {k: v / steps * 1e3 for k, v in timer.totals.items()}
     t = time.perf_counter()
     table = Path(trace_dir) / f"kernels-{batch}x{ctx}.txt" if trace_dir else None
@@ -100,6 +101,7 @@ def run_scenario(
     prof_wall = time.perf_counter() - t
     engine.run_to_completion()
     return {
+        "running": running,
         "batch": batch,
         "context": ctx,
         "step_ms_p50": statistics.median(walls) * 1e3,
@@ -118,20 +120,28 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--trace-dir", default=None, help="write per-scenario kernel tables here")
     p.add_argument("--output-json", default="bench/results/profile-step.json")
     a = p.parse_args()
     engine = build_engine(
         None,
-        dict(device="cuda", dtype="bfloat16", max_model_len=a.max_model_len, max_num_seqs=256),
+        dict(
+            device="cuda",
+            dtype="bfloat16",
+            max_model_len=a.max_model_len,
+            max_num_seqs=256,
+            overlap_scheduling={"auto": None, "on": True, "off": False}[a.overlap],
+        ),
         model_shape=a.model_shape,
     )
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "execute", "execute")
     timer.wrap(engine.scheduler, "update", "update")
-    if hasattr(engine.runner, "resolve"):
-        timer.wrap(engine.runner, "resolve", "resolve")
+    timer.wrap(engine.runner, "launch", "launch")
+    timer.wrap(engine.runner, "resolve", "resolve")
+    timer.wrap(engine, "_process", "process")
     rows = []
     for sc in a.scenarios.split(","):
         b, c = (int(x) for x in sc.split("x"))
@@ -146,12 +156,13 @@ def main() -> int:
     Path(a.output_json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output_json).write_text(json.dumps(result, indent=2))
     print(
-        f"{'batch':>5} {'ctx':>5} {'step ms':>8} {'gpu ms':>7} {'busy':>5} {'tok/s':>8}  phases ms"
+        f"{'batch':>5} {'run':>4} {'ctx':>5} {'step ms':>8} {'gpu ms':>7} {'busy':>5} "
+        f"{'tok/s':>8}  phases ms"
     )
     for r in rows:
         ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_ms"].items())
         print(
-            f"{r['batch']:5d} {r['context']:5d} {r['step_ms_mean']:8.2f} "
+            f"{r['batch']:5d} {r['running']:4d} {r['context']:5d} {r['step_ms_mean']:8.2f} "
             f"{r['gpu_kernel_ms_per_step']:7.2f} {r['gpu_busy_fraction']:5.2f} "
             f"{r['tok_s']:8.1f}  {ph}"
         )

@@ -136,3 +136,24 @@ def test_abort_during_overlap_frees_blocks_at_once(model_dir: Path) -> None:
 def test_overlap_refuses_a_draft_model(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="overlap_scheduling does not combine with a draft"):
         _engine(model_dir, overlap=True, draft_model=str(model_dir), num_speculative_tokens=2)
+
+
+def test_overlapped_decode_steps_compute_one_token_per_request(model_dir: Path) -> None:
+    """With a step in flight, the next step computes each decoding request's pending token and
+    nothing else (no recomputation): decode steps stay single-token, as CUDA graphs need."""
+    eng = _engine(model_dir, overlap=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for prompt in ([1, 2, 3, 4, 5], list(range(10, 31)), [7, 8]):
+        eng.add_request(prompt, params)
+    seen = []
+    real_launch = eng.runner.launch
+
+    def launch(sched):
+        seen.append(dict(sched.num_scheduled_tokens))
+        return real_launch(sched)
+
+    eng.runner.launch = launch
+    eng.run_to_completion()
+    decode_steps = [s for s in seen[1:] if s]  # the first step prefills all three prompts
+    assert decode_steps and all(set(s.values()) == {1} for s in decode_steps)
+    assert sum(sum(s.values()) for s in decode_steps) == 3 * 11  # tokens 2..12 of each

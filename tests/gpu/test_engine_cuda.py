@@ -40,3 +40,31 @@ def test_greedy_fp32_cuda_matches_transformers(tmp_path: Path, arch, kw, backend
               gpu_memory_utilization=0.2)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert [o.token_ids for o in outs] == ref
+
+
+def test_overlapped_scheduling_on_cuda_equals_synchronous(tmp_path: Path) -> None:
+    """On CUDA (Triton backend, decode graphs) overlapped steps give the outputs of synchronous
+    ones, for greedy, seeded sampling, stop strings, prefix hits and preemption."""
+    from rayfleet.config import EngineConfig
+    from rayfleet.replicas.llm_engine import Engine
+    from tests.engine.test_overlap import _mixed_workload, _run
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama", num_kv_heads=2)
+
+    def engine(overlap: bool, **kw) -> Engine:
+        return Engine(EngineConfig.from_kwargs(
+            str(model_dir), dtype="float32", device="cuda", attention_backend="triton",
+            block_size=4, show_progress=False, overlap_scheduling=overlap,
+            **{"num_blocks": 400, **kw}))
+
+    sync = engine(False)
+    work = _mixed_workload(eos=min(sync.eos_token_ids) if sync.eos_token_ids else 0)
+    work += [(list(range(5 + i, 25 + i)), SamplingParams(temperature=0, max_tokens=18,
+                                                        ignore_eos=True)) for i in range(7)]
+    expected = _run(sync, work)
+    over = engine(True)
+    assert over.overlap and over.runner.graphs is not None
+    assert _run(over, work) == expected
+    small = [engine(o, num_blocks=25) for o in (False, True)]
+    assert _run(small[1], work[-7:]) == _run(small[0], work[-7:])
+    assert small[1].scheduler.num_preemptions_total > 0

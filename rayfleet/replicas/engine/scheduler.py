@@ -285,9 +285,12 @@ class Scheduler:
             if req is None or req.is_finished or self.requests.get(rid) is not req:
                 continue
             req.num_pending_tokens = max(req.num_pending_tokens - 1, 0)
-            req.num_computed_tokens = min(
-                req.num_computed_tokens, req.num_tokens + len(token_ids) - 1
-            )
+            if sched.spec_token_ids.get(rid):
+                # Roll back rejected drafts. (Only here: without drafts nothing is rejected,
+                # and with a step in flight num_computed_tokens already counts that step.)
+                req.num_computed_tokens = min(
+                    req.num_computed_tokens, req.num_tokens + len(token_ids) - 1
+                )
             req.spec_token_ids = []
             for tok in token_ids:
                 req.output_token_ids.append(tok)
