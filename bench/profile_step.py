@@ -72,7 +72,10 @@ def run_scenario(
 ):
     vocab = engine.arch.vocab_size
     g = torch.Generator().manual_seed(batch * 7919 + ctx)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + prof_steps + 8, ignore_eos=True)
+    # Long enough that no request finishes while measured (early ones decode during the others'
+    # prefill); all are aborted afterwards.
+    max_len = engine.max_model_len
+    params = SamplingParams(temperature=0.0, max_tokens=max_len - ctx - 1, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(), params)
     # Prefill until every request decodes.
@@ -99,7 +102,8 @@ def run_scenario(
     table = Path(trace_dir) / f"kernels-{batch}x{ctx}.txt" if trace_dir else None
     kernel_s = gpu_kernel_seconds(engine, prof_steps, table)
     prof_wall = time.perf_counter() - t
-    engine.run_to_completion()
+    for rid in list(engine.scheduler.requests):
+        engine.abort(rid)
     return {
         "running": running,
         "batch": batch,

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from rayfleet import kernels
@@ -92,7 +93,9 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     """One varlen batch's attention inputs (shared by the target and the draft forward)."""
     width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
+    padded = np.zeros((len(tables), width), dtype=np.int32)  # 0 = the null block
+    for row, t in zip(padded, tables):
+        row[: len(t)] = t
     return AttentionMetadata(
         slot_mapping=to_device(slots, torch.int64, device),
         query_start_loc=to_device(qsl, torch.int32, device),
@@ -670,12 +673,19 @@ class ModelRunner:
         st.flags_dv = dv
 
 
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without waiting for the device: staged through pinned
+def to_device(
+    values: list[int] | np.ndarray, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Host values as a device tensor without waiting for the device: staged through pinned
     memory on CUDA (a pageable source can make the copy wait for the stream)."""
+    host = (
+        torch.from_numpy(values).to(dtype)
+        if isinstance(values, np.ndarray)
+        else torch.tensor(values, dtype=dtype)
+    )
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:

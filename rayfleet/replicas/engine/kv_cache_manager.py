@@ -84,10 +84,11 @@ class KVCacheManager:
         if max(num_needed, 0) + num_free_hits > self.pool.num_free_blocks:
             return False
         self.pool.touch(new_computed_blocks)
-        blocks = blocks + new_computed_blocks
+        if request.request_id not in self.req_blocks:
+            self.req_blocks[request.request_id] = blocks = []
+        blocks.extend(new_computed_blocks)
         if num_needed > 0:
-            blocks += self.pool.allocate(num_needed)
-        self.req_blocks[request.request_id] = blocks
+            blocks.extend(self.pool.allocate(num_needed))
         if not self._num_cached_blocks.get(request.request_id):
             self._num_cached_blocks[request.request_id] = len(new_computed_blocks)
         # KV for tokens up to `total` is written this step; cache the blocks that will be full of
@@ -121,8 +122,10 @@ class KVCacheManager:
         self._num_cached_blocks.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """Ids of the request's blocks from its ``start``-th on."""
+        blocks = self.req_blocks.get(request_id, [])
+        return [blocks[i].block_id for i in range(start, len(blocks))]
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

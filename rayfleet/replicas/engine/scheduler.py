@@ -225,8 +225,8 @@ class Scheduler:
         return max(0, min(self.num_lookahead_tokens, cap - total))
 
     def _emit(self, req: Request, n: int, out: SchedulerOutput) -> None:
-        block_ids = self.kv.block_ids(req.request_id)
         sent = self._runner_blocks.get(req.request_id)
+        block_ids = self.kv.block_ids(req.request_id, start=sent or 0)
         if sent is None:
             out.new_requests.append(
                 NewRequestData(
@@ -242,11 +242,11 @@ class Scheduler:
             out.cached_requests.append(
                 CachedRequestData(
                     request_id=req.request_id,
-                    new_block_ids=block_ids[sent:],
+                    new_block_ids=block_ids,
                     num_computed_tokens=req.num_computed_tokens,
                 )
             )
-        self._runner_blocks[req.request_id] = len(block_ids)
+        self._runner_blocks[req.request_id] = (sent or 0) + len(block_ids)
         out.num_scheduled_tokens[req.request_id] = n
         out.requests[req.request_id] = req
         if req.spec_token_ids:
