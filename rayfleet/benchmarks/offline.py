@@ -93,6 +93,16 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
     return 2 * nbytes / times[len(times) // 2] / 1e9
 
 
+def decode_step_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: all parameters but the input embedding table (unless
+    it is tied to the LM head, which reads it whole)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    if model.lm_head.weight is embed:
+        return total
+    return total - embed.numel() * embed.element_size()
+
+
 def make_workload(n: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(n)]
@@ -197,9 +207,12 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         wbytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         result["weight_bytes"] = wbytes
+        step_bytes = decode_step_weight_bytes(engine.model)
+        result["decode_step_weight_bytes"] = step_bytes
         bw = info["copy_bandwidth_GBps"] * 1e9
-        # Batch-1 decode reads every weight once per step (KV reads are small next to them).
-        result["roofline_batch1_tok_s"] = bw / wbytes
+        # Batch-1 decode reads every weight once per step, except the input embedding table (one
+        # row per token); KV reads are small next to them.
+        result["roofline_batch1_tok_s"] = bw / step_bytes
         if a.num_requests == 1:
             d = res["decode_tok_s_per_request"].get("p50", 0.0)
             result["batch1_decode_fraction_of_roofline"] = d / result["roofline_batch1_tok_s"]
