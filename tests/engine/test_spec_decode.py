@@ -22,6 +22,7 @@ import dataclasses
 import json
 import random
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -200,15 +201,38 @@ class RandomSpecPolicy(FixedSpecPolicy):
         super().__init__(0)
         self.rng = random.Random(seed)
 
-    def plan(self, candidates, *, num_requests, base_tokens):
+    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0):
         return {rid: self.rng.randint(0, cap) for rid, cap in candidates}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int) -> None:
+def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
+    """Give target and draft "CUDA graphs" that replay eagerly over the same static buffers and
+    padded layouts (DecodeGraphs emulate mode); returns a live count of replays per
+    (model, query length)."""
+    eng = llm.engine
+    max_len = eng.max_model_len + eng.runner.num_speculative_tokens
+    blocks = -(-max_len // BS) + 1
+    eng.runner.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
+    eng.runner.proposer.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
+    replays: Counter = Counter()
+    for name, graphs in (("target", eng.runner.graphs), ("draft", eng.runner.proposer.graphs)):
+        replay = graphs._replay
+
+        def counted(size, q, seq_lens, name=name, replay=replay):
+            replays[name, q] += 1
+            return replay(size, q, seq_lens)
+
+        graphs._replay = counted
+    return replays
+
+
+@pytest.mark.parametrize("seed,graphs", [(0, False), (1, False), (0, True)])
+def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, graphs: bool) -> None:
     """With the target as its own draft every draft must be accepted; a stale draft KV entry
     (missed rollback, a prefix hit on blocks whose draft KV was never computed, preemption,
-    chunked prefill) shows up as a rejection. Shared prefixes, a tight pool, random k."""
+    chunked prefill) shows up as a rejection. Shared prefixes, a tight pool, random k. With
+    ``graphs``, decode and verification steps run the padded uniform-query layouts of the CUDA
+    graph path (emulated eagerly), where a padding row writing a real slot would show up too."""
     rng = random.Random(seed)
     target = models_dir["target"]
     stems = [[rng.randrange(3, 300) for _ in range(rng.randrange(5, 14))] for _ in range(3)]
@@ -224,6 +248,7 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int) -> N
         num_blocks=40,
         max_num_batched_tokens=24,
     )
+    replays = emulate_graphs(llm) if graphs else None
     eng = llm.engine
     rids = []
     final = {}
@@ -240,6 +265,31 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int) -> N
     assert sum(o.spec.num_drafted for o in got) > 0
     assert all(o.spec.num_accepted == o.spec.num_drafted for o in got)
     assert_pool_full(llm)
+    if replays is not None:  # padded verification (q > 1) and draft layouts were exercised
+        assert replays["target", 1] and sum(replays[m, q] for m, q in replays if q > 1) > 10
+        assert replays["draft", 2] and replays["draft", 1]
+
+
+def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> None:
+    """The padded graph layouts (emulated) change nothing: greedy output equals no-spec, and
+    seeded sampled requests repeat the eager speculative run exactly, with per-request k mixing
+    0..5 drafts (so verification pads requests to the step's longest query) and 6 requests
+    padded to a graph of 8."""
+    target = models_dir["target"]
+    prompts = PROMPTS[:3] * 2
+    sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=14, seed=11, ignore_eos=True)
+    params = [GREEDY] * 3 + [sampled] * 3
+    per_request = {f"req-{i}": k for i, k in enumerate([0, 2, 5, 1, 4, 3])}
+    runs = []
+    for graphs in (False, True):
+        llm = spec_llm(target, models_dir["partial"], 5, FixedSpecPolicy(5, per_request))
+        replays = emulate_graphs(llm, sizes=(1, 2, 4, 8)) if graphs else None
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs[:3]] == reference[:3]
+        runs.append([o.token_ids for o in outs])
+        assert_pool_full(llm)
+    assert runs[0] == runs[1]
+    assert replays is not None and replays["target", 6] > 0 and replays["draft", 1] > 0
 
 
 def test_stops_inside_an_accepted_run(models_dir, reference) -> None:
