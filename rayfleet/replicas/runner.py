@@ -364,7 +364,7 @@ class ModelRunner:
     def _sampler_row(self, st: _RunnerRequest) -> SamplerRow:
         return SamplerRow(
             params=st.params,
-            prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
+            prompt_token_ids=_prompt(st),
             output_token_ids=st.output_token_ids,
             eos_token_ids=self.eos_token_ids,
         )
@@ -389,7 +389,7 @@ class ModelRunner:
                 spec_rows.append(
                     SpecRow(
                         params=st.params,
-                        prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
+                        prompt_token_ids=_prompt(st),
                         output_token_ids=st.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
                         draft_token_ids=st.spec_token_ids[:k],
@@ -410,9 +410,9 @@ class ModelRunner:
                 lp = sampled.logprobs[i]
                 results[rid] = ([sampled.token_ids[i]], [lp] if lp is not None else None, 0)
         if spec:
-            verified = self.rejection_sampler(
-                logits[_index(spec_idx, dev)], spec_rows, _gather_rows(q_parts, dev)
-            )
+            # Without plain rows in the step the rows are exactly the verified ones: no gather.
+            spec_logits = logits if not plain else logits[_index(spec_idx, dev)]
+            verified = self.rejection_sampler(spec_logits, spec_rows, _gather_rows(q_parts, dev))
             for (rid, row0, _k), toks, a in zip(spec, verified.token_ids, verified.num_accepted):
                 st = self.requests[rid]
                 lps = None
@@ -588,6 +588,11 @@ class ModelRunner:
             for i in range(first, min(end, n_blocks)):
                 self._draft_block_valid[st.block_ids[i]] = (i + 1) * bs <= dv
         st.flags_dv = dv
+
+
+def _prompt(st: _RunnerRequest) -> list[int] | tuple[()]:
+    """The prompt for a SamplerRow: only the repetition penalty reads it (spare the copy)."""
+    return st.token_ids[: st.num_prompt_tokens] if st.params.repetition_penalty != 1.0 else ()
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:

@@ -257,6 +257,15 @@ class Sampler:
         return e.clamp_(min=torch.finfo(e.dtype).tiny)
 
 
+def reads_history(params: SamplingParams) -> bool:
+    """Penalties that read the previous tokens (beyond their count)."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
 def mask_min_tokens(
     x: torch.Tensor, rows: Iterable[tuple[SamplingParams, int, frozenset[int]]]
 ) -> None:

@@ -39,7 +39,13 @@ from rayfleet.replicas.runner import (
     kv_cache_bytes_per_block,
     slot_mapping,
 )
-from rayfleet.replicas.sampler import MIN_TEMPERATURE, Sampler, SamplerRow, mask_min_tokens
+from rayfleet.replicas.sampler import (
+    MIN_TEMPERATURE,
+    Sampler,
+    SamplerRow,
+    mask_min_tokens,
+    reads_history,
+)
 from rayfleet.replicas.spec.rejection import DRAFT_STREAM, HistoryView, stream_seed
 from rayfleet.sampling_params import SamplingParams
 
@@ -195,19 +201,22 @@ class DraftProposer:
         if order != list(range(len(reqs))):
             last_hidden = last_hidden.index_select(0, _h2d(order, torch.int64, self.device))
         sampling = _DraftSampling(self, drafting)
-        steps = _SingleTokenSteps(drafting, counts, self.block_size, self.device)
-        tokens: list[torch.Tensor] = []  # [counts[j]] per forward j, on the device
+        # [rows, kmax]: draft j + 1 of row r at [r, j] (rows past counts[j] unused), on the device.
+        drafts = torch.zeros(len(drafting), kmax, dtype=torch.int64, device=self.device)
         hidden = last_hidden
         for j in range(kmax):
+            m = counts[j]
             if j > 0:
-                m = counts[j]
+                if j == 1:  # forwards 2..kmax: all their inputs at once
+                    steps = _SingleTokenSteps(drafting, counts, self.block_size, self.device)
                 pos, meta = steps.inputs(j)
-                hidden = self._run(tokens[-1][:m], pos, meta)  # feed d_j of the first m rows
-            logits = self.model.compute_logits(hidden)  # [counts[j], V] float32
-            tokens.append(sampling.sample(logits, j))
-        drafts = sampling.host_drafts(tokens)
-        for r, d in zip(drafting, drafts):
-            out.token_ids[r.request_id] = d
+                hidden = self._run(drafts[:m, j - 1], pos, meta)  # feed d_j of the first m rows
+            logits = self.model.compute_logits(hidden)  # [m, V] float32
+            drafts[:m, j] = sampling.sample(logits, j)
+        # The proposal's one synchronization (unless penalties needed the history each forward).
+        host = sampling.history if sampling.history is not None else drafts.tolist()
+        for r, d in zip(drafting, host):
+            out.token_ids[r.request_id] = d[: r.num_spec]
         out.probs, out.prob_rows = sampling.probs(drafting)
         # Proposal time per draft forward, for the cost model; only in steady state (forward 1
         # fed at most 3 tokens per request), not when it was a catch-up prefill.
@@ -223,35 +232,37 @@ def _h2d(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.T
 
 class _SingleTokenSteps:
     """Inputs of forwards 2..kmax of a proposal, built on the host at once: forward j feeds
-    d_j of the first counts[j] drafting requests at position end + j - 1 (one H2D copy per
-    dtype for all of them; the token ids come from the previous forward, on the device)."""
+    d_j of the first counts[j] drafting requests at position end + j - 1 (one host-to-device
+    copy for all of them; the token ids come from the previous forward, on the device)."""
 
     def __init__(
         self, drafting: list[DraftRequest], counts: list[int], block_size: int, dev: torch.device
     ) -> None:
-        self.counts = counts
-        pos: list[int] = []
-        slots: list[int] = []
-        self.offsets: list[int] = [0, 0]  # forward j's rows start at offsets[j] (j >= 1)
+        self.counts = counts  # len(counts) = kmax >= 2
+        m1 = counts[1]
+        width = max(len(r.block_ids) for r in drafting[:m1])
+        table = torch.tensor(
+            [b for r in drafting[:m1] for b in r.block_ids + [0] * (width - len(r.block_ids))],
+            dtype=torch.int64,
+        ).view(m1, width)
+        ends = torch.tensor([r.end for r in drafting[:m1]], dtype=torch.int64)
+        pos = torch.cat([ends[: counts[j]] + (j - 1) for j in range(1, len(counts))])
+        rows = torch.cat([torch.arange(counts[j]) for j in range(1, len(counts))])
+        slots = table[rows, pos // block_size] * block_size + pos % block_size
+        n = pos.shape[0]
+        self.offsets = [0, 0]  # forward j's rows start at offsets[j] (j >= 1)
         for j in range(1, len(counts)):
-            for r in drafting[: counts[j]]:
-                p = r.end + j - 1
-                pos.append(p)
-                slots.append(r.block_ids[p // block_size] * block_size + p % block_size)
-            self.offsets.append(len(pos))
-        self.seq_lens = [p + 1 for p in pos]
-        m1 = counts[1] if len(counts) > 1 else 0
-        width = max((len(r.block_ids) for r in drafting[:m1]), default=1)
-        table = [b for r in drafting[:m1] for b in r.block_ids + [0] * (width - len(r.block_ids))]
-        n = len(pos)
-        i64 = _h2d(pos + slots, torch.int64, dev)
-        i32 = _h2d(self.seq_lens + table, torch.int32, dev)
-        self.positions, self.slot_mapping = i64[:n], i64[n:]
-        self.seq_lens_dev = i32[:n]
-        self.block_tables = i32[n:].view(m1, width)
+            self.offsets.append(self.offsets[-1] + counts[j])
+        self.seq_lens = (pos + 1).tolist()
+        # One copy: positions, slots, seq_lens, block table (int64; narrowed on the device).
+        packed = torch.cat([pos, slots, pos + 1, table.view(-1)]).to(dev, non_blocking=True)
+        self.positions, self.slot_mapping = packed[:n], packed[n : 2 * n]
+        self.seq_lens_dev = packed[2 * n : 3 * n].to(torch.int32)
+        self.block_tables = packed[3 * n :].view(m1, width).to(torch.int32)
         self.qsl = torch.arange(m1 + 1, dtype=torch.int32, device=dev)
 
     def inputs(self, j: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Positions [counts[j]] and attention metadata of forward j + 1 (j >= 1)."""
         m, o = self.counts[j], self.offsets[j]
         seq_lens = self.seq_lens[o : o + m]
         return self.positions[o : o + m], AttentionMetadata(
@@ -282,7 +293,7 @@ class _DraftSampling:
             i for i, r in enumerate(drafting) if r.params.temperature >= MIN_TEMPERATURE
         ]
         self.history: list[list[int]] | None = None
-        if any(_uses_history(r.params) for r in drafting):
+        if any(reads_history(r.params) for r in drafting):
             self.history = [[] for _ in drafting]
         self.prob_chunks: list[tuple[torch.Tensor, list[int]]] = []  # (probs, rows) per forward
 
@@ -356,20 +367,6 @@ class _DraftSampling:
         e.clamp_(min=torch.finfo(e.dtype).tiny)
         return (probs / e).argmax(dim=-1), probs
 
-    def host_drafts(self, tokens: list[torch.Tensor]) -> list[list[int]]:
-        """Each drafting request's drafts (the one synchronization of a proposal)."""
-        if self.history is not None:
-            return self.history
-        flat = torch.cat(tokens).tolist() if len(tokens) > 1 else tokens[0].tolist()
-        drafts: list[list[int]] = [[] for _ in self.drafting]
-        o = 0
-        for t in tokens:
-            m = t.shape[0]
-            for i in range(m):
-                drafts[i].append(flat[o + i])
-            o += m
-        return drafts
-
     def probs(
         self, drafting: list[DraftRequest]
     ) -> tuple[torch.Tensor | None, dict[str, list[int]]]:
@@ -386,11 +383,3 @@ class _DraftSampling:
         chunks = [c for c, _ in self.prob_chunks]
         return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]), rows
 
-
-def _uses_history(params: SamplingParams) -> bool:
-    """Penalties that read previous tokens (the drafts so far among them)."""
-    return (
-        params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
