@@ -209,6 +209,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b, q in self.keys:
+            self.seq_lens.fill_(q)  # sane contexts for the warm-up (replays set their own)
             # Warm-up outside the graph: Triton compilation, lazy init, workspace allocation.
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

@@ -147,8 +147,10 @@ def test_mixed_batch_per_request_k_greedy_and_sampled(models_dir, reference) -> 
     assert runs[0][4] == plain.token_ids
 
 
-def test_adaptive_policy_greedy_equal(models_dir, reference) -> None:
-    """The default (adaptive) policy: whatever it decides, greedy output is unchanged."""
+@pytest.mark.parametrize("graphs", [False, True])
+def test_adaptive_policy_greedy_equal(models_dir, reference, graphs: bool) -> None:
+    """The default (adaptive) policy: whatever it decides, greedy output is unchanged (with
+    graphs, it plans for padded verification)."""
     for draft in ("same", "other"):
         llm = LLM(
             str(models_dir["target"]),
@@ -157,6 +159,8 @@ def test_adaptive_policy_greedy_equal(models_dir, reference) -> None:
             draft_model=str(models_dir[draft]),
             num_speculative_tokens=4,
         )
+        if graphs:
+            emulate_graphs(llm)
         outs = llm.generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == reference
         assert_pool_full(llm)
@@ -290,6 +294,50 @@ def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> 
         assert_pool_full(llm)
     assert runs[0] == runs[1]
     assert replays is not None and replays["target", 6] > 0 and replays["draft", 1] > 0
+
+
+class RecordingPolicy(FixedSpecPolicy):
+    """Fixed k per request; records what the runner tells a policy."""
+
+    def __init__(self, k: int, per_request: dict[str, int]) -> None:
+        super().__init__(k, per_request)
+        self.plans: list[tuple[int, int, int]] = []  # (num_requests, base_tokens, max_padded_k)
+        self.targets: list[int] = []
+        self.drafts: list[int] = []
+
+    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0):
+        self.plans.append((num_requests, base_tokens, max_padded_k))
+        return super().plan(candidates, num_requests=num_requests, base_tokens=base_tokens)
+
+    def observe_target(self, num_tokens: int, seconds: float) -> None:
+        assert seconds > 0
+        self.targets.append(num_tokens)
+
+    def observe_draft(self, num_tokens: int, seconds: float) -> None:
+        assert seconds > 0
+        self.drafts.append(num_tokens)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_runner_reports_steady_state_costs_to_the_policy(models_dir, graphs: bool) -> None:
+    """Only decode / verification steps are timed (not the prefill), at their padded size when
+    a graph verifies them; the planner learns which k the graphs cover; draft timings come from
+    steady-state proposals only (not the prompt catch-up of the first)."""
+    policy = RecordingPolicy(3, {"req-0": 1, "req-1": 3, "req-2": 0})
+    llm = spec_llm(models_dir["target"], models_dir["other"], 3, policy)
+    if graphs:
+        emulate_graphs(llm)
+    proposer = llm.engine.runner.proposer
+    proposals = []
+    propose = proposer.propose
+    proposer.propose = lambda reqs: proposals.append(reqs) or propose(reqs)
+    llm.generate(PROMPTS[:3], GREEDY)
+    assert policy.plans[0] == (3, 3, 3 if graphs else 0)
+    # The first verification: 1 + 2 + 4 tokens, padded to 3 x 4 rows on the graph path.
+    assert policy.targets[0] == (12 if graphs else 7)
+    assert len(policy.targets) == len(policy.plans) - 1  # all but the prefill step
+    # Two requests draft; every proposal but the first (a prompt catch-up) is timed.
+    assert set(policy.drafts) == {2} and len(policy.drafts) == len(proposals) - 1
 
 
 def test_stops_inside_an_accepted_run(models_dir, reference) -> None:
