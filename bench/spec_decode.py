@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
         help="greedy level when the demo part did not run (else the demo pair's rate)",
     )
     p.add_argument("--num-speculative-tokens", type=int, default=8)
-    p.add_argument("--fixed-k", default="4", help="fixed-k policies to compare ('' for none)")
+    p.add_argument("--fixed-k", default="2,4,8", help="fixed-k policies to compare ('' for none)")
     p.add_argument("--cold-policy", action="store_true", help="fresh cost curves every run")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)

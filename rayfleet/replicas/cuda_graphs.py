@@ -80,8 +80,11 @@ def uniform_query_layout(
     return UniformQueryLayout(q=q, size=size, dest=dest, seq_lens=padded)
 
 
-def _h2d(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # non_blocking: a plain torch.tensor(..., device=cuda) waits for the stream to drain.
+def host_to_device(
+    values: list[int], device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """A tensor of ``values`` on ``device`` without waiting for the work queued there (a plain
+    torch.tensor(..., device=cuda) synchronizes with the stream first)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
@@ -262,7 +265,7 @@ class DecodeGraphs:
             padded = meta.seq_lens_cpu + [q] * (size - b) if self.emulated else None
             return self._replay(size, q, padded)[:num_tokens]
         layout = uniform_query_layout(meta.query_start_loc_cpu, meta.seq_lens_cpu, q, size)
-        dest = _h2d(layout.dest, torch.int64, self.device)  # [num_tokens]
+        dest = host_to_device(layout.dest, self.device)  # [num_tokens]
         n = size * q
         # Padding rows keep stale ids/positions (valid values from earlier steps); their slots
         # must be the null block.
@@ -270,7 +273,7 @@ class DecodeGraphs:
         self.slot_mapping.index_copy_(0, dest, meta.slot_mapping)
         self.input_ids.index_copy_(0, dest, input_ids)
         self.positions.index_copy_(0, dest, positions)
-        self.seq_lens[:size].copy_(_h2d(layout.seq_lens, torch.int32, self.device))
+        self.seq_lens[:size].copy_(host_to_device(layout.seq_lens, self.device, torch.int32))
         return self._replay(size, q, layout.seq_lens).index_select(0, dest)
 
     def _replay(

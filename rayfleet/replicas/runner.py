@@ -479,14 +479,15 @@ class ModelRunner:
                 n = b * q if self._graph_covers(b, q) else num_tokens
                 policy.observe_target(n, time.perf_counter() - t_start)
         candidates = []
-        cap_spec = self.num_speculative_tokens
         for rid in sample_rids:
             st = self.requests[rid]
-            num_out = len(st.output_token_ids)
             cap = min(
-                cap_spec,
+                self.num_speculative_tokens,
                 max_num_spec_tokens(
-                    len(st.token_ids), num_out, st.params.max_tokens, self.max_model_len
+                    len(st.token_ids),
+                    len(st.output_token_ids),
+                    st.params.max_tokens,
+                    self.max_model_len,
                 ),
             )
             if cap > 0 and not self._finished_by_token(st):

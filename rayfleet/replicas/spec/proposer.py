@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.replicas.cuda_graphs import DecodeGraphs
+from rayfleet.replicas.cuda_graphs import DecodeGraphs, host_to_device
 from rayfleet.replicas.model.forward import ForwardBatch
 from rayfleet.replicas.runner import (
     allocate_kv_tensors,
@@ -169,14 +169,11 @@ class DraftProposer:
             tables.append(r.block_ids)
         meta = build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
         dev = self.device
-        hidden = self._run(
-            _h2d(input_ids, torch.int64, dev), _h2d(positions, torch.int64, dev), meta
-        )
+        hidden = self._run(host_to_device(input_ids, dev), host_to_device(positions, dev), meta)
         if len(input_ids) == len(reqs):
             return hidden, len(input_ids)
-        return hidden.index_select(0, _h2d([n - 1 for n in qsl[1:]], torch.int64, dev)), len(
-            input_ids
-        )
+        last = host_to_device([n - 1 for n in qsl[1:]], dev)
+        return hidden.index_select(0, last), len(input_ids)
 
     @torch.inference_mode()
     def propose(self, reqs: list[DraftRequest]) -> DraftProposals:
@@ -199,16 +196,18 @@ class DraftProposer:
         kmax = drafting[0].num_spec
         counts = [sum(1 for r in drafting if r.num_spec > j) for j in range(kmax)]
         if order != list(range(len(reqs))):
-            last_hidden = last_hidden.index_select(0, _h2d(order, torch.int64, self.device))
+            last_hidden = last_hidden.index_select(0, host_to_device(order, self.device))
         sampling = _DraftSampling(self, drafting)
         # [rows, kmax]: draft j + 1 of row r at [r, j] (rows past counts[j] unused), on the device.
         drafts = torch.zeros(len(drafting), kmax, dtype=torch.int64, device=self.device)
+        steps = None
+        if kmax > 1:  # forwards 2..kmax: all their inputs at once
+            steps = _SingleTokenSteps(drafting, counts, self.block_size, self.device)
         hidden = last_hidden
         for j in range(kmax):
             m = counts[j]
             if j > 0:
-                if j == 1:  # forwards 2..kmax: all their inputs at once
-                    steps = _SingleTokenSteps(drafting, counts, self.block_size, self.device)
+                assert steps is not None
                 pos, meta = steps.inputs(j)
                 hidden = self._run(drafts[:m, j - 1], pos, meta)  # feed d_j of the first m rows
             logits = self.model.compute_logits(hidden)  # [m, V] float32
@@ -223,11 +222,6 @@ class DraftProposer:
         if num_fed <= 3 * len(reqs):
             out.timings.append((len(drafting), (time.perf_counter() - t0) / kmax))
         return out
-
-
-def _h2d(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # non_blocking: torch.tensor(..., device=cuda) would wait for the queued forwards.
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 class _SingleTokenSteps:
@@ -332,10 +326,10 @@ class _DraftSampling:
             if len(sampled) == m:
                 tokens = tokens_s
             else:
-                g = _h2d([i for i in self.greedy if i < m], torch.int64, dev)
+                g = host_to_device([i for i in self.greedy if i < m], dev)
                 tokens = torch.empty(m, dtype=torch.long, device=dev)
                 tokens[g] = x[g].argmax(dim=-1)
-                tokens[_h2d(sampled, torch.int64, dev)] = tokens_s
+                tokens[host_to_device(sampled, dev)] = tokens_s
         if self.history is not None:
             for h, t in zip(self.history, tokens.tolist()):
                 h.append(t)
@@ -347,7 +341,7 @@ class _DraftSampling:
         """Tokens [S] of the sampled rows and the distributions they were drawn from [S, V]."""
         dev = x.device
         p = self.p
-        sub = x if len(sampled) == x.shape[0] else x[_h2d(sampled, torch.int64, dev)]
+        sub = x if len(sampled) == x.shape[0] else x[host_to_device(sampled, dev)]
         probs = Sampler.sampling_probs(sub, [self.rows[i] for i in sampled])  # [S, V]
         unseeded = [n for n, i in enumerate(sampled) if self.rows[i].params.seed is None]
         if len(unseeded) == len(sampled):
@@ -356,7 +350,7 @@ class _DraftSampling:
             e = torch.empty_like(probs)
             if unseeded:
                 noise = torch.empty(len(unseeded), probs.shape[1], device=dev)
-                e[_h2d(unseeded, torch.int64, dev)] = noise.exponential_(generator=p._gen)
+                e[host_to_device(unseeded, dev)] = noise.exponential_(generator=p._gen)
             for n, i in enumerate(sampled):
                 seed = self.rows[i].params.seed
                 if seed is not None:
