@@ -170,7 +170,7 @@ def bench_demo(a: argparse.Namespace) -> dict[str, Any] | None:
             )
         results["by_k"][f"temperature={temperature}"] = rows
     del llm
-    gc.collect()
+    _free(a.device)
     return results
 
 

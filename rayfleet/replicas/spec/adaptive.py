@@ -44,7 +44,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -175,46 +175,54 @@ def plan_speculation(
         chosen = {g: drafts_worth(g[0], UNMEASURED_THRESHOLD, g[1]) for g in groups}
         return Plan([chosen[key] for key in keys], tokens_per_s=math.inf, off_tokens_per_s=0.0)
     off = num_requests / t_off
-    best: dict[tuple[float, int], int] | None = None
+    floor = off * min_gain  # a plan must beat this (and every plan before it)
+    gkeys = list(groups)
+    sizes = [groups[g] for g in gkeys]
+    # tokens[i][k]: expected tokens per request of group i with k drafts (k <= its cap).
+    tokens = [[expected_tokens(rate, k) for k in range(cap + 1)] for rate, cap in gkeys]
+    best: list[int] | None = None
     best_rate = off
     seen: set[tuple[int, ...]] = set()
-    for ks, padded in _candidate_plans(groups, max_padded_k):
-        sig = tuple(ks.values())
-        k_max = max(sig)
-        if k_max == 0 or sig in seen:
-            continue
+
+    def price(ks: list[int], verify_tokens: int, t_target: float | None = None) -> None:
+        nonlocal best, best_rate
+        sig = tuple(ks)
+        if sig in seen:
+            return
         seen.add(sig)
-        extra = sum(n * (expected_tokens(g[0], ks[g]) - 1.0) for g, n in groups.items())
-        num_drafting = sum(n for g, n in groups.items() if ks[g])
-        if padded:
-            verify_tokens = base_tokens + num_requests * k_max
-        else:
-            verify_tokens = base_tokens + sum(n * ks[g] for g, n in groups.items())
-        t_target = target_time(verify_tokens) or 0.0
+        extra = sum(n * (t[k] - 1.0) for n, t, k in zip(sizes, tokens, ks))
+        num_drafting = sum(n for n, k in zip(sizes, ks) if k)
+        if t_target is None:
+            t_target = target_time(verify_tokens) or 0.0
         t_draft = draft_time(num_drafting) or 0.0
-        rate = (num_requests + extra) / (t_target + k_max * t_draft)
-        if rate > best_rate and rate > off * min_gain:
+        rate = (num_requests + extra) / (t_target + max(ks) * t_draft)
+        if rate > best_rate and rate > floor:
             best, best_rate = ks, rate
+
+    # Unpadded: for each threshold theta, the drafts worth >= theta each (kept where they need
+    # more than the graphs' max_padded_k drafts).
+    for theta in THRESHOLDS:
+        ks = [drafts_worth(rate, theta, cap) for rate, cap in gkeys]
+        if max(ks) > max_padded_k:
+            price(ks, base_tokens + sum(n * k for n, k in zip(sizes, ks)))
+    # Padded (a verification graph): the target computes k + 1 rows per request whatever each
+    # drafts, so for each k and theta, k drafts (capped) for every request whose first draft is
+    # worth >= theta. A k whose target time alone loses with every request drafting is skipped.
+    joins = [[drafts_worth(rate, theta, 1) > 0 for rate, _ in gkeys] for theta in THRESHOLDS]
+    for k in range(1, max_padded_k + 1):
+        verify_tokens = base_tokens + num_requests * k
+        t_target = target_time(verify_tokens) or 0.0
+        upper = sum(n * (t[min(k, len(t) - 1)] - 1.0) for n, t in zip(sizes, tokens))
+        if t_target > 0 and (num_requests + upper) / t_target <= max(best_rate, floor):
+            continue
+        for join in joins:
+            ks = [min(cap, k) if j else 0 for (_, cap), j in zip(gkeys, join)]
+            if any(ks):
+                price(ks, verify_tokens, t_target)
     if best is None:
         return Plan([0] * len(keys), tokens_per_s=off, off_tokens_per_s=off)
-    return Plan([best[key] for key in keys], tokens_per_s=best_rate, off_tokens_per_s=off)
-
-
-def _candidate_plans(
-    groups: dict[tuple[float, int], int], max_padded_k: int
-) -> Iterator[tuple[dict[tuple[float, int], int], bool]]:
-    """(k per (rate, cap) group, padded) of each plan worth pricing. Unpadded: for each
-    threshold theta, the drafts worth >= theta each. Padded (a verification graph with up to
-    max_padded_k drafts): the target computes k + 1 rows per request whatever each drafts, so
-    for each k and theta, k drafts (capped) for every request whose first draft is worth
-    >= theta; unpadded plans are kept where they need more than max_padded_k drafts."""
-    for theta in THRESHOLDS:
-        ks = {g: drafts_worth(g[0], theta, g[1]) for g in groups}
-        if max(ks.values()) > max_padded_k:
-            yield ks, False
-    for k in range(1, max_padded_k + 1):
-        for theta in THRESHOLDS:
-            yield {g: min(g[1], k) if drafts_worth(g[0], theta, 1) else 0 for g in groups}, True
+    chosen = dict(zip(gkeys, best))
+    return Plan([chosen[key] for key in keys], tokens_per_s=best_rate, off_tokens_per_s=off)
 
 
 class AcceptanceTracker:
