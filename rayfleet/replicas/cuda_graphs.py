@@ -1,22 +1,43 @@
-"""CUDA graphs for decode steps: one graph per padded batch size, all sharing one memory pool.
+"""CUDA graphs for steps in which every request computes at most q tokens: one graph per
+(padded batch size, q), all sharing one memory pool.
 
-A decode step (every request computes exactly one token) has the same kernels and shapes for a
-given batch size, so its forward is captured once per size in ``capture_sizes`` (largest first,
-so smaller graphs reuse the pool) and replayed: the step's inputs are copied into static buffers,
-padded rows point at the null block (slot 0), and the first ``num_seqs`` rows of the captured
-output are returned. Anything else (prefill chunks, multi-token queries, batches larger than the
-largest graph) runs eagerly.
+q = 1 is a plain decode step; q = 1 + k is a speculative verification in which requests carry up
+to k drafts (and the draft model's first proposal forward feeds 1-3 tokens per request). Such a
+step has the same kernels and shapes for a given (batch size, q), so its forward is captured once
+per key (largest first, so smaller graphs reuse the pool) and replayed: the step's varlen inputs
+are scattered into static buffers laid out as ``size`` slots of q rows each (``size`` the smallest
+captured batch size >= the step's), and the real rows of the output are gathered back in the
+step's order. A step whose requests all compute exactly q tokens needs no scatter.
+
+    varlen step (3 requests, q = 3):   a0 a1 a2 | b0 | c0 c1
+    padded layout (size 4):            a0 a1 a2 | b0 .  . | c0 c1 . | .  .  .
+                                       (. = padding row: KV slot 0, i.e. the null block)
+
+Invariants that make padding invisible to real rows:
+
+- a request with n < q tokens keeps its real rows first and gets seq_len = start + q, so real row
+  j still sits at position start + j (the attention kernel derives positions from seq_len and the
+  query length); attention is causal, so real rows never attend to the padding rows behind them;
+- padding rows write their K/V into slot 0 only (block 0 is never allocated to a request), and
+  what they read (null or stale blocks: finite values) only reaches their own rows, which nobody
+  reads;
+- padding requests (slots past the step's batch) are q padding rows with seq_len q.
+
+Anything else (prefill chunks, steps mixing in a longer query, batches larger than the largest
+graph of their q) runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
 from rayfleet.replicas.model.forward import ForwardBatch
+from rayfleet.replicas.transfer import index_tensor, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +50,44 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+@dataclass
+class UniformQueryLayout:
+    """Where a varlen step's tokens go in the padded [size * q] layout."""
+
+    q: int
+    size: int
+    dest: list[int]  # padded row of each of the step's tokens, in the step's (varlen) order
+    seq_lens: list[int]  # [size]: start + q per real request, q per padding request
+
+
+def uniform_query_layout(
+    query_start_loc: Sequence[int], seq_lens: Sequence[int], q: int, size: int
+) -> UniformQueryLayout:
+    """Request i (n_i = query_start_loc[i+1] - query_start_loc[i] tokens, 1 <= n_i <= q, context
+    seq_lens[i] after the step) occupies padded rows [i*q, i*q + q): its tokens first, padding
+    after; see the module docstring for why real rows are unaffected."""
+    b = len(seq_lens)
+    if b > size:
+        raise ValueError(f"{b} requests do not fit a graph of batch {size}")
+    dest: list[int] = []
+    padded: list[int] = []
+    for i in range(b):
+        n = query_start_loc[i + 1] - query_start_loc[i]
+        if not 1 <= n <= q:
+            raise ValueError(f"request {i} computes {n} tokens; a q={q} layout needs 1..{q}")
+        dest.extend(range(i * q, i * q + n))
+        padded.append(seq_lens[i] - n + q)
+    padded.extend([q] * (size - b))
+    return UniformQueryLayout(q=q, size=size, dest=dest, seq_lens=padded)
+
+
 class DecodeGraphs:
+    """Graphs keyed by (padded batch size, query length q); see the module docstring.
+
+    ``capture_sizes`` are the batch sizes captured for q = 1; each q in ``query_lens`` (> 1) is
+    captured for the sizes with size * q <= ``max_multi_query_tokens`` (None: all of them).
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -42,35 +100,69 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         max_seq_len: int,
         device: torch.device,
+        query_lens: Sequence[int] = (1,),
+        max_multi_query_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.attention = attention
         self.write_kv = write_kv
         self.rope_and_write_kv = rope_and_write_kv
+        self.device = device
         self.sizes = sorted(capture_sizes)
         self.max_size = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
         self.max_seq_len = max_seq_len
+        # q -> captured batch sizes, ascending.
+        self.sizes_by_q: dict[int, list[int]] = {}
+        for q in sorted(set(query_lens) | {1}):
+            cap = max_multi_query_tokens if q > 1 and max_multi_query_tokens else None
+            sizes = [s for s in self.sizes if cap is None or s * q <= cap]
+            if sizes:
+                self.sizes_by_q[q] = sizes
+        self.keys = sorted(
+            ((s, q) for q, sizes in self.sizes_by_q.items() for s in sizes),
+            key=lambda k: (k[0] * k[1], k[1]),
+            reverse=True,
+        )
+        n_tok = max(s * q for s, q in self.keys)
         n = self.max_size
-        # Static inputs, shared by every graph (a graph of size b reads the first b rows).
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=device)
+        # Static inputs shared by every graph: graph (b, q) reads the first b*q token rows and
+        # the first b request rows.
+        self.input_ids = torch.zeros(n_tok, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n_tok, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(n_tok, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.query_start_loc = {
+            q: torch.arange(n + 1, dtype=torch.int32, device=device) * q for q in self.sizes_by_q
+        }
+        # One output buffer for every graph (each copies its result into the first b*q rows),
+        # so the pool holds only scratch memory, reusable across captures.
+        self.output = torch.zeros(
+            n_tok, model.arch.hidden_size, dtype=next(model.parameters()).dtype, device=device
+        )
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.memory_bytes = 0
+        # Tests on CPU: run the captured-shape forward eagerly over the same static buffers.
+        self.emulated = False
 
     @classmethod
     def capture_for(
-        cls, owner, *, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
+        cls,
+        owner,
+        *,
+        capture_sizes: list[int],
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        query_lens: Sequence[int] = (1,),
+        max_multi_query_tokens: int | None = None,
+        emulate: bool = False,
     ) -> DecodeGraphs:
         """Capture graphs of ``owner``'s model over its KV caches. ``owner`` is a ModelRunner or
         a DraftProposer: anything with model, kv_caches, attention, write_kv, rope_and_write_kv
-        and device."""
+        and device. ``emulate``: capture nothing and replay eagerly (CPU tests of the padding
+        logic)."""
         graphs = cls(
             owner.model,
             owner.kv_caches,
@@ -81,22 +173,29 @@ class DecodeGraphs:
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
             device=owner.device,
+            query_lens=query_lens,
+            max_multi_query_tokens=max_multi_query_tokens,
         )
-        graphs.capture()
+        if emulate:
+            graphs.emulated = True
+        else:
+            graphs.capture()
         return graphs
 
-    def _batch(self, b: int) -> ForwardBatch:
+    def _batch(self, b: int, q: int, seq_lens_cpu: list[int] | None = None) -> ForwardBatch:
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b],
-            query_start_loc=self.query_start_loc[: b + 1],
+            slot_mapping=self.slot_mapping[: b * q],
+            query_start_loc=self.query_start_loc[q][: b + 1],
             seq_lens=self.seq_lens[:b],
             block_tables=self.block_tables[:b],
-            max_query_len=1,
+            max_query_len=q,
             # Host-side bound for kernels' launch shapes: fixed at capture, so it must cover any
             # context a replay can see.
             max_seq_len=self.max_seq_len,
-            query_start_loc_cpu=list(range(b + 1)),
-            seq_lens_cpu=[self.max_seq_len] * b,
+            query_start_loc_cpu=list(range(0, b * q + 1, q)),
+            # Graphs need no host copy (device-side kernels); emulation passes the real one
+            # for the torch reference backend.
+            seq_lens_cpu=seq_lens_cpu or [self.max_seq_len] * b,
         )
         return ForwardBatch(
             meta=meta,
@@ -106,54 +205,88 @@ class DecodeGraphs:
             rope_and_write_kv=self.rope_and_write_kv,
         )
 
+    def _forward(
+        self, b: int, q: int, seq_lens_cpu: list[int] | None = None
+    ) -> torch.Tensor:  # [b * q, hidden]
+        n = b * q
+        return self.model(self.input_ids[:n], self.positions[:n], self._batch(b, q, seq_lens_cpu))
+
     @torch.inference_mode()
     def capture(self) -> None:
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for b in reversed(self.sizes):
-            batch = self._batch(b)
-            args = (self.input_ids[:b], self.positions[:b], batch)
-            # Warm-up outside the graph: autotuning, lazy init and workspace allocation.
+        for b, q in self.keys:
+            self.seq_lens.fill_(q)  # sane contexts for the warm-up (replays set their own)
+            # Warm-up outside the graph: Triton compilation, lazy init, workspace allocation.
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model(*args)
+                self._forward(b, q)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.model(*args)
-            self.graphs[b] = graph
+                self.output[: b * q].copy_(self._forward(b, q))
+            self.graphs[b, q] = graph
         torch.cuda.synchronize()
         self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
         logger.info(
-            "captured %d decode CUDA graphs (batch %d..%d) using %.1f MiB",
-            len(self.graphs), self.sizes[0], self.max_size, self.memory_bytes / 2**20,
+            "captured %d CUDA graphs (batch %d..%d, query lengths %s) using %.1f MiB",
+            len(self.graphs), self.sizes[0], self.max_size, sorted(self.sizes_by_q),
+            self.memory_bytes / 2**20,
         )
 
     def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        q = meta.max_query_len
+        sizes = self.sizes_by_q.get(q)
         return (
-            bool(self.graphs)
-            and meta.max_query_len == 1
-            and num_tokens == meta.num_seqs <= self.max_size
+            (bool(self.graphs) or self.emulated)
+            and sizes is not None
+            and meta.num_seqs <= sizes[-1]
+            and num_tokens <= meta.num_seqs * q
             and meta.block_tables.shape[1] <= self.max_blocks
+            # Padded contexts (start + q) stay within what the block-table buffer and the
+            # captured launch shapes cover.
+            and meta.max_seq_len + q - 1 <= self.max_seq_len
         )
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:  # [num_seqs, hidden]
-        b = meta.num_seqs
-        size = next(s for s in self.sizes if s >= b)
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.seq_lens[:b].copy_(meta.seq_lens)
+    ) -> torch.Tensor:  # [num_tokens, hidden], rows in the step's order
+        """Replay the graph for this step (``can_run`` must hold). No host synchronization."""
+        b, q = meta.num_seqs, meta.max_query_len
+        size = next(s for s in self.sizes_by_q[q] if s >= b)
+        num_tokens = input_ids.shape[0]
         w = meta.block_tables.shape[1]
         self.block_tables[:b, :w].copy_(meta.block_tables)
-        if size > b:
-            # Padding rows: write into the null block, attend to one token of it.
-            self.slot_mapping[b:size].zero_()
-            self.seq_lens[b:size].fill_(1)
-            self.positions[b:size].zero_()
-        self.graphs[size].replay()
-        return self.outputs[size][:b]
+        if num_tokens == b * q:  # every request computes q tokens: the layout is the identity
+            self.input_ids[:num_tokens].copy_(input_ids)
+            self.positions[:num_tokens].copy_(positions)
+            self.slot_mapping[:num_tokens].copy_(meta.slot_mapping)
+            self.seq_lens[:b].copy_(meta.seq_lens)
+            if size > b:  # padding requests: q rows into the null block, context q
+                self.slot_mapping[num_tokens : size * q].zero_()
+                self.positions[num_tokens : size * q].zero_()
+                self.seq_lens[b:size].fill_(q)
+            padded = meta.seq_lens_cpu + [q] * (size - b) if self.emulated else None
+            return self._replay(size, q, padded)[:num_tokens]
+        layout = uniform_query_layout(meta.query_start_loc_cpu, meta.seq_lens_cpu, q, size)
+        dest = index_tensor(layout.dest, self.device)  # [num_tokens]
+        n = size * q
+        # Padding rows keep stale ids/positions (valid values from earlier steps); their slots
+        # must be the null block.
+        self.slot_mapping[:n].zero_()
+        self.slot_mapping.index_copy_(0, dest, meta.slot_mapping)
+        self.input_ids.index_copy_(0, dest, input_ids)
+        self.positions.index_copy_(0, dest, positions)
+        self.seq_lens[:size].copy_(to_device(layout.seq_lens, torch.int32, self.device))
+        return self._replay(size, q, layout.seq_lens).index_select(0, dest)
+
+    def _replay(
+        self, size: int, q: int, seq_lens_cpu: list[int] | None
+    ) -> torch.Tensor:  # [size * q, hidden]
+        graph = self.graphs.get((size, q))
+        if graph is None:  # emulated
+            self.output[: size * q].copy_(self._forward(size, q, seq_lens_cpu))
+        else:
+            graph.replay()
+        return self.output[: size * q]

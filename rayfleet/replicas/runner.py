@@ -31,10 +31,17 @@ from rayfleet.replicas.model.forward import ForwardBatch
 from rayfleet.replicas.sampler import Sampler, SamplerRow
 from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy
 from rayfleet.replicas.spec.rejection import RejectionSampler, SpecRow
+from rayfleet.replicas.transfer import index_tensor as _index
+from rayfleet.replicas.transfer import to_device
 
 if TYPE_CHECKING:
     from rayfleet.replicas.spec.adaptive import SpecPolicy
     from rayfleet.replicas.spec.proposer import DraftProposer, DraftRequest
+
+# Verification graphs are captured for batch size * query length up to this many tokens (their
+# memory pool is sized by the largest); bigger verification steps are compute bound and run
+# eagerly.
+VERIFY_GRAPH_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -202,15 +209,27 @@ class ModelRunner:
             self._draft_block_valid = [False] * num_blocks
 
     def enable_cuda_graphs(
-        self, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
+        self,
+        capture_sizes: list[int],
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        *,
+        emulate: bool = False,
     ) -> None:
-        """Capture the target's decode graphs (CUDA, after allocate_kv_cache). Steps where every
-        request computes one token replay them; others (prefill, verification) run eagerly."""
+        """Capture the target's graphs (CUDA, after allocate_kv_cache): decode steps (one token
+        per request) at every size in ``capture_sizes`` and, with a draft model, verification
+        steps (at most q = 1 + k tokens per request, padded to q; k = 1..num_speculative_tokens)
+        at the sizes with size * q <= VERIFY_GRAPH_MAX_TOKENS. Other steps (prefill chunks,
+        mixed steps) run eagerly. ``emulate``: no capture, the same padded layouts eagerly (CPU
+        tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
+            query_lens=range(1, self.num_speculative_tokens + 2),
+            max_multi_query_tokens=VERIFY_GRAPH_MAX_TOKENS,
+            emulate=emulate,
         )
 
     @torch.inference_mode()
@@ -471,10 +490,7 @@ class ModelRunner:
     def _sampler_row(self, st: _RunnerRequest) -> SamplerRow:
         return SamplerRow(
             params=st.params,
-            # Only repetition penalties read the prompt: spare the copy otherwise.
-            prompt_token_ids=(
-                st.token_ids[: st.num_prompt_tokens] if st.params.repetition_penalty != 1.0 else ()
-            ),
+            prompt_token_ids=_prompt(st),
             output_token_ids=st.output_token_ids,
             eos_token_ids=self.eos_token_ids,
             num_pending=st.num_pending,
@@ -500,7 +516,7 @@ class ModelRunner:
                 spec_rows.append(
                     SpecRow(
                         params=st.params,
-                        prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
+                        prompt_token_ids=_prompt(st),
                         output_token_ids=st.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
                         draft_token_ids=st.spec_token_ids[:k],
@@ -521,9 +537,9 @@ class ModelRunner:
                 lp = sampled.logprobs[i]
                 results[rid] = ([sampled.token_ids[i]], [lp] if lp is not None else None, 0)
         if spec:
-            verified = self.rejection_sampler(
-                logits[_index(spec_idx, dev)], spec_rows, _gather_rows(q_parts, dev)
-            )
+            # Without plain rows in the step the rows are exactly the verified ones: no gather.
+            spec_logits = logits if not plain else logits[_index(spec_idx, dev)]
+            verified = self.rejection_sampler(spec_logits, spec_rows, _gather_rows(q_parts, dev))
             for (rid, row0, _k), toks, a in zip(spec, verified.token_ids, verified.num_accepted):
                 st = self.requests[rid]
                 lps = None
@@ -572,9 +588,23 @@ class ModelRunner:
         """Time the target step, plan the next step's drafts, run the draft, refresh flags."""
         assert self.proposer is not None and self.spec_policy is not None
         policy = self.spec_policy
-        if sample_rids:  # sampling synchronized the device: the time is the step's
-            policy.observe_target(sched.total_num_scheduled_tokens, time.perf_counter() - t_start)
+        scheduled = sched.num_scheduled_tokens
+        num_tokens = sched.total_num_scheduled_tokens
         sampled = set(sample_rids)
+        chunk_tokens = (
+            sum(n for rid, n in scheduled.items() if rid not in sampled)
+            if len(sampled) < len(scheduled)
+            else 0
+        )
+        if sample_rids and chunk_tokens == 0:
+            # Sampling synchronized the device: the time is the step's. Only steady-state steps
+            # (decode / verification shape, no prefill chunk) feed the cost model; a graph
+            # replay costs what its padded batch costs.
+            q = max(scheduled.values())
+            if q <= self.num_speculative_tokens + 1:
+                b = len(sample_rids)
+                n = b * q if self._graph_covers(b, q) else num_tokens
+                policy.observe_target(n, time.perf_counter() - t_start)
         candidates = []
         for rid in sample_rids:
             st = self.requests[rid]
@@ -589,41 +619,56 @@ class ModelRunner:
             )
             if cap > 0 and not self._finished_by_token(st):
                 candidates.append((rid, cap))
-        chunk_tokens = sum(n for rid, n in sched.num_scheduled_tokens.items() if rid not in sampled)
+        b = len(sample_rids)
         plan = policy.plan(
-            candidates, num_requests=len(sample_rids), base_tokens=len(sample_rids) + chunk_tokens
+            candidates,
+            num_requests=b,
+            base_tokens=b + chunk_tokens,
+            max_padded_k=self._max_padded_k(b) if chunk_tokens == 0 else 0,
         )
-        reqs = []
-        for rid, k in plan.items():
-            if k > 0:
-                st = self.requests[rid]
-                reqs.append(self._draft_request(rid, st, len(st.token_ids), k))
+        reqs = [
+            self._draft_request(rid, self.requests[rid], len(self.requests[rid].token_ids), k)
+            for rid, k in plan.items()
+            if k > 0
+        ]
         if reqs:
             # Speculation is on this step: keep chunked prefills' draft KV in step too, so their
             # first proposal does not start with a long draft prefill.
-            for rid, n in sched.num_scheduled_tokens.items():
-                st = self.requests[rid]
-                end = starts[rid] + n
-                if rid not in sampled and st.draft_num_computed < end:
-                    reqs.append(self._draft_request(rid, st, end, 0))
+            if chunk_tokens:
+                for rid, n in scheduled.items():
+                    st = self.requests[rid]
+                    end = starts[rid] + n
+                    if rid not in sampled and st.draft_num_computed < end:
+                        reqs.append(self._draft_request(rid, st, end, 0))
             proposals = self.proposer.propose(reqs)
+            probs = proposals.probs
             for r in reqs:
                 st = self.requests[r.request_id]
                 # Draft KV now covers the fed tokens and the drafts it fed itself (all but d_k).
                 st.draft_num_computed = r.end + max(r.num_spec - 1, 0)
                 if r.num_spec:
-                    st.spec_token_ids = proposals.token_ids[r.request_id]
+                    drafts = proposals.token_ids[r.request_id]
+                    st.spec_token_ids = drafts
                     rows = proposals.prob_rows.get(r.request_id)
-                    st.draft_probs = (
-                        (proposals.probs, rows)
-                        if rows is not None and proposals.probs is not None
-                        else None
-                    )
-                    out.spec_token_ids[r.request_id] = list(st.spec_token_ids)
-            for num_tokens, seconds in proposals.timings:
-                policy.observe_draft(num_tokens, seconds)
-        for rid, n in sched.num_scheduled_tokens.items():
+                    st.draft_probs = None if rows is None or probs is None else (probs, rows)
+                    out.spec_token_ids[r.request_id] = list(drafts)
+            for num_drafting, seconds in proposals.timings:
+                policy.observe_draft(num_drafting, seconds)
+        for rid, n in scheduled.items():
             self._refresh_draft_flags(self.requests[rid], starts[rid], starts[rid] + n)
+
+    def _graph_covers(self, num_seqs: int, q: int) -> bool:
+        """A step of ``num_seqs`` requests with at most q tokens each replays a graph."""
+        sizes = self.graphs.sizes_by_q.get(q) if self.graphs is not None else None
+        return bool(sizes) and num_seqs <= sizes[-1]
+
+    def _max_padded_k(self, num_seqs: int) -> int:
+        """Most drafts per request for which a verification of ``num_seqs`` requests replays a
+        padded graph (0: none)."""
+        k = self.num_speculative_tokens
+        while k > 0 and not self._graph_covers(num_seqs, k + 1):
+            k -= 1
+        return k
 
     def _draft_request(self, rid: str, st: _RunnerRequest, end: int, k: int) -> DraftRequest:
         # Imported here: the proposer module builds its batches with this module's helpers.
@@ -673,23 +718,9 @@ class ModelRunner:
         st.flags_dv = dv
 
 
-def to_device(
-    values: list[int] | np.ndarray, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Host values as a device tensor without waiting for the device: staged through pinned
-    memory on CUDA (a pageable source can make the copy wait for the stream)."""
-    host = (
-        torch.from_numpy(values).to(dtype)
-        if isinstance(values, np.ndarray)
-        else torch.tensor(values, dtype=dtype)
-    )
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(values, torch.long, device)
+def _prompt(st: _RunnerRequest) -> list[int] | tuple[()]:
+    """The prompt for a SamplerRow: only the repetition penalty reads it (spare the copy)."""
+    return st.token_ids[: st.num_prompt_tokens] if st.params.repetition_penalty != 1.0 else ()
 
 
 def _gather_rows(

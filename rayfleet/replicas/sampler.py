@@ -21,11 +21,13 @@ before penalties, temperature and truncation (vLLM's default "raw_logprobs").
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from rayfleet.replicas.transfer import index_tensor as _index
+from rayfleet.replicas.transfer import to_device as _to_device
 from rayfleet.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
@@ -66,12 +68,7 @@ class SamplerRow:
 def needs_host_history(params: SamplingParams) -> bool:
     """Whether sampling this request reads its generated token ids (penalties) or reports on
     them (logprobs): such a row cannot be sampled while its previous token is still in flight."""
-    return (
-        params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-        or params.logprobs is not None
-    )
+    return reads_history(params) or params.logprobs is not None
 
 
 @dataclass
@@ -175,7 +172,7 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if want:
-            ids = torch.tensor(token_ids, dtype=torch.long).to(raw.device)
+            ids = _index(token_ids, raw.device)
             _fill_logprobs(raw.float(), rows, want, ids, out)
         return out
 
@@ -196,8 +193,8 @@ class Sampler:
             seen[_flat_token_index(seqs, list(range(len(rep))) * 2, vocab, device)] = True
             seen = seen.view(len(rep), vocab)
             idx = _index(rep, device)
-            p = torch.tensor(
-                [rows[i].params.repetition_penalty for i in rep], device=device
+            p = _to_device(
+                [rows[i].params.repetition_penalty for i in rep], torch.float32, device
             ).unsqueeze(1)  # [R, 1]
             sub = x[idx]
             penalized = torch.where(sub > 0, sub / p, sub * p)
@@ -217,8 +214,12 @@ class Sampler:
                 0, flat, torch.ones(flat.shape[0], dtype=torch.float32, device=device)
             )
             counts = counts.view(len(pf), vocab)
-            presence = torch.tensor([rows[i].params.presence_penalty for i in pf], device=device)
-            frequency = torch.tensor([rows[i].params.frequency_penalty for i in pf], device=device)
+            presence = _to_device(
+                [rows[i].params.presence_penalty for i in pf], torch.float32, device
+            )
+            frequency = _to_device(
+                [rows[i].params.frequency_penalty for i in pf], torch.float32, device
+            )
             idx = _index(pf, device)
             x[idx] = (
                 x[idx]
@@ -226,16 +227,7 @@ class Sampler:
                 - frequency.unsqueeze(1) * counts
             )
 
-        banned: list[int] = []
-        for i, r in enumerate(rows):
-            if r.num_output_tokens >= r.params.min_tokens:
-                continue
-            ids = set(r.params.stop_token_ids)
-            if not r.params.ignore_eos:
-                ids |= r.eos_token_ids
-            banned.extend(i * vocab + t for t in ids if 0 <= t < vocab)
-        if banned:
-            x.view(-1)[_index(banned, device)] = float("-inf")
+        mask_min_tokens(x, ((r.params, r.num_output_tokens, r.eos_token_ids) for r in rows))
         return x
 
     @staticmethod
@@ -246,7 +238,7 @@ class Sampler:
         """
         device = x.device
         vocab = x.shape[1]
-        temps = torch.tensor([r.params.temperature for r in rows], device=device)
+        temps = _to_device([r.params.temperature for r in rows], torch.float32, device)
         x = x / temps.unsqueeze(1)
 
         trunc = [
@@ -258,13 +250,14 @@ class Sampler:
             # Stable sort so that ties are broken the same way in every batch.
             sorted_x, order = sub.sort(dim=-1, descending=True, stable=True)  # [T, V]
             pos = torch.arange(vocab, device=device).unsqueeze(0)  # [1, V]
-            k = torch.tensor(
+            k = _to_device(
                 [rows[j].params.top_k if rows[j].params.top_k > 0 else vocab for j in trunc],
-                device=device,
+                torch.int64,
+                device,
             ).unsqueeze(1)
             drop = pos >= k
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-            top_p = torch.tensor([rows[j].params.top_p for j in trunc], device=device)
+            top_p = _to_device([rows[j].params.top_p for j in trunc], torch.float32, device)
             sorted_p = sorted_x.softmax(dim=-1)
             # Keep position i iff the mass strictly before it is < top_p: the smallest prefix whose
             # mass reaches top_p; position 0 always survives. top_p == 1 keeps everything.
@@ -279,7 +272,7 @@ class Sampler:
         if minp:
             idx = _index(minp, device)
             sub = probs[idx]
-            min_p = torch.tensor([rows[j].params.min_p for j in minp], device=device)
+            min_p = _to_device([rows[j].params.min_p for j in minp], torch.float32, device)
             floor = min_p.unsqueeze(1) * sub.max(dim=-1, keepdim=True).values
             sub = sub.masked_fill(sub < floor, 0.0)
             probs[idx] = sub / sub.sum(dim=-1, keepdim=True)
@@ -305,8 +298,33 @@ class Sampler:
         return e.clamp_(min=torch.finfo(e.dtype).tiny)
 
 
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def reads_history(params: SamplingParams) -> bool:
+    """Penalties that read the previous tokens (beyond their count)."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def mask_min_tokens(
+    x: torch.Tensor, rows: Iterable[tuple[SamplingParams, int, frozenset[int]]]
+) -> None:
+    """In place on ``x`` [R, V]: -inf at the EOS (unless ignore_eos) and stop ids of each row
+    (params, outputs so far, eos ids) that has fewer than params.min_tokens outputs."""
+    vocab = x.shape[1]
+    banned: list[int] = []
+    for i, (params, num_outputs, eos_token_ids) in enumerate(rows):
+        if num_outputs >= params.min_tokens:
+            continue
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= eos_token_ids
+        banned.extend(i * vocab + t for t in ids if 0 <= t < vocab)
+    if banned:
+        x.view(-1)[_index(banned, x.device)] = float("-inf")
+
+
 
 
 def _flat_token_index(

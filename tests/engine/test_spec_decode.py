@@ -22,6 +22,7 @@ import dataclasses
 import json
 import random
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,10 @@ def test_mixed_batch_per_request_k_greedy_and_sampled(models_dir, reference) -> 
     assert runs[0][4] == plain.token_ids
 
 
-def test_adaptive_policy_greedy_equal(models_dir, reference) -> None:
-    """The default (adaptive) policy: whatever it decides, greedy output is unchanged."""
+@pytest.mark.parametrize("graphs", [False, True])
+def test_adaptive_policy_greedy_equal(models_dir, reference, graphs: bool) -> None:
+    """The default (adaptive) policy: whatever it decides, greedy output is unchanged (with
+    graphs, it plans for padded verification)."""
     for draft in ("same", "other"):
         llm = LLM(
             str(models_dir["target"]),
@@ -156,6 +159,8 @@ def test_adaptive_policy_greedy_equal(models_dir, reference) -> None:
             draft_model=str(models_dir[draft]),
             num_speculative_tokens=4,
         )
+        if graphs:
+            emulate_graphs(llm)
         outs = llm.generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == reference
         assert_pool_full(llm)
@@ -200,15 +205,38 @@ class RandomSpecPolicy(FixedSpecPolicy):
         super().__init__(0)
         self.rng = random.Random(seed)
 
-    def plan(self, candidates, *, num_requests, base_tokens):
+    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0):
         return {rid: self.rng.randint(0, cap) for rid, cap in candidates}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int) -> None:
+def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
+    """Give target and draft "CUDA graphs" that replay eagerly over the same static buffers and
+    padded layouts (DecodeGraphs emulate mode); returns a live count of replays per
+    (model, query length)."""
+    eng = llm.engine
+    max_len = eng.max_model_len + eng.runner.num_speculative_tokens
+    blocks = -(-max_len // BS) + 1
+    eng.runner.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
+    eng.runner.proposer.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
+    replays: Counter = Counter()
+    for name, graphs in (("target", eng.runner.graphs), ("draft", eng.runner.proposer.graphs)):
+        replay = graphs._replay
+
+        def counted(size, q, seq_lens, name=name, replay=replay):
+            replays[name, q] += 1
+            return replay(size, q, seq_lens)
+
+        graphs._replay = counted
+    return replays
+
+
+@pytest.mark.parametrize("seed,graphs", [(0, False), (1, False), (0, True)])
+def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, graphs: bool) -> None:
     """With the target as its own draft every draft must be accepted; a stale draft KV entry
     (missed rollback, a prefix hit on blocks whose draft KV was never computed, preemption,
-    chunked prefill) shows up as a rejection. Shared prefixes, a tight pool, random k."""
+    chunked prefill) shows up as a rejection. Shared prefixes, a tight pool, random k. With
+    ``graphs``, decode and verification steps run the padded uniform-query layouts of the CUDA
+    graph path (emulated eagerly), where a padding row writing a real slot would show up too."""
     rng = random.Random(seed)
     target = models_dir["target"]
     stems = [[rng.randrange(3, 300) for _ in range(rng.randrange(5, 14))] for _ in range(3)]
@@ -224,6 +252,7 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int) -> N
         num_blocks=40,
         max_num_batched_tokens=24,
     )
+    replays = emulate_graphs(llm) if graphs else None
     eng = llm.engine
     rids = []
     final = {}
@@ -240,6 +269,75 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int) -> N
     assert sum(o.spec.num_drafted for o in got) > 0
     assert all(o.spec.num_accepted == o.spec.num_drafted for o in got)
     assert_pool_full(llm)
+    if replays is not None:  # padded verification (q > 1) and draft layouts were exercised
+        assert replays["target", 1] and sum(replays[m, q] for m, q in replays if q > 1) > 10
+        assert replays["draft", 2] and replays["draft", 1]
+
+
+def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> None:
+    """The padded graph layouts (emulated) change nothing: greedy output equals no-spec, and
+    seeded sampled requests repeat the eager speculative run exactly, with per-request k mixing
+    0..5 drafts (so verification pads requests to the step's longest query) and 6 requests
+    padded to a graph of 8."""
+    target = models_dir["target"]
+    prompts = PROMPTS[:3] * 2
+    sampled = SamplingParams(temperature=0.8, top_k=20, max_tokens=14, seed=11, ignore_eos=True)
+    params = [GREEDY] * 3 + [sampled] * 3
+    per_request = {f"req-{i}": k for i, k in enumerate([0, 2, 5, 1, 4, 3])}
+    runs = []
+    for graphs in (False, True):
+        llm = spec_llm(target, models_dir["partial"], 5, FixedSpecPolicy(5, per_request))
+        replays = emulate_graphs(llm, sizes=(1, 2, 4, 8)) if graphs else None
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs[:3]] == reference[:3]
+        runs.append([o.token_ids for o in outs])
+        assert_pool_full(llm)
+    assert runs[0] == runs[1]
+    assert replays is not None and replays["target", 6] > 0 and replays["draft", 1] > 0
+
+
+class RecordingPolicy(FixedSpecPolicy):
+    """Fixed k per request; records what the runner tells a policy."""
+
+    def __init__(self, k: int, per_request: dict[str, int]) -> None:
+        super().__init__(k, per_request)
+        self.plans: list[tuple[int, int, int]] = []  # (num_requests, base_tokens, max_padded_k)
+        self.targets: list[int] = []
+        self.drafts: list[int] = []
+
+    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0):
+        self.plans.append((num_requests, base_tokens, max_padded_k))
+        return super().plan(candidates, num_requests=num_requests, base_tokens=base_tokens)
+
+    def observe_target(self, num_tokens: int, seconds: float) -> None:
+        assert seconds > 0
+        self.targets.append(num_tokens)
+
+    def observe_draft(self, num_tokens: int, seconds: float) -> None:
+        assert seconds > 0
+        self.drafts.append(num_tokens)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_runner_reports_steady_state_costs_to_the_policy(models_dir, graphs: bool) -> None:
+    """Only decode / verification steps are timed (not the prefill), at their padded size when
+    a graph verifies them; the planner learns which k the graphs cover; draft timings come from
+    steady-state proposals only (not the prompt catch-up of the first)."""
+    policy = RecordingPolicy(3, {"req-0": 1, "req-1": 3, "req-2": 0})
+    llm = spec_llm(models_dir["target"], models_dir["other"], 3, policy)
+    if graphs:
+        emulate_graphs(llm)
+    proposer = llm.engine.runner.proposer
+    proposals = []
+    propose = proposer.propose
+    proposer.propose = lambda reqs: proposals.append(reqs) or propose(reqs)
+    llm.generate(PROMPTS[:3], GREEDY)
+    assert policy.plans[0] == (3, 3, 3 if graphs else 0)
+    # The first verification: 1 + 2 + 4 tokens, padded to 3 x 4 rows on the graph path.
+    assert policy.targets[0] == (12 if graphs else 7)
+    assert len(policy.targets) == len(policy.plans) - 1  # all but the prefill step
+    # Two requests draft; every proposal but the first (a prompt catch-up) is timed.
+    assert set(policy.drafts) == {2} and len(policy.drafts) == len(proposals) - 1
 
 
 def test_stops_inside_an_accepted_run(models_dir, reference) -> None:

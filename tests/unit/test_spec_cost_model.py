@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -23,26 +24,34 @@ def curve(*points: tuple[int, float]) -> CostCurve:
     return c
 
 
-def test_cost_curve_interpolates_flat_below_proportional_above() -> None:
+def test_cost_curve_interpolates_flat_below_along_the_last_segment_above() -> None:
     c = curve((4, 0.010), (64, 0.020), (256, 0.080))  # one sample per bucket
     assert c(1) == 0.010  # flat below the smallest size seen
     assert c(4) == 0.010
     assert c(34) == pytest.approx(0.015)  # linear between 4 and 64
     assert c(128) == pytest.approx(0.040)
-    assert c(512) == pytest.approx(0.160)  # proportional above the largest
+    assert c(512) == pytest.approx(0.160)  # 0.080 + 256 * (0.060 / 192)
+    # Memory bound: a verification of 6 tokens costs what the flat curve says, not 6x.
+    small = curve((1, 0.008), (3, 0.0082))
+    assert small(6) == pytest.approx(0.0082 + 3 * 0.0001)
+    assert curve((8, 0.010))(100) == 0.010  # one point: flat (optimistic: tried, then measured)
+    assert curve((1, 0.010), (8, 0.009))(64) == 0.009  # never decreasing
     assert CostCurve()(8) is None
 
 
-def test_cost_curve_averages_within_a_bucket() -> None:
-    c = CostCurve(ema=0.5)
+def test_cost_curve_median_of_recent_samples() -> None:
+    c = CostCurve(window=3)
     c.observe(8, 1.000)  # a first run paying for compilation: replaced by the second sample
     c.observe(8, 0.010)
     assert c(8) == pytest.approx(0.010)
-    c.observe(9, 0.020)  # same half-octave bucket as 8: averaged from now on
-    assert c.count_near(8) == 3 and c.count_near(16) == 0
-    assert c(8.5) == pytest.approx(0.015)
+    c.observe(9, 0.500)  # one slow outlier (same half-octave bucket) moves nothing much
+    c.observe(8, 0.012)
+    assert c.count_near(8) == 4 and c.count_near(16) == 0
+    assert c(8.333) == pytest.approx(0.012)  # median of 0.010, 0.500, 0.012 at mean size 8.33
+    c.observe(8, 0.020)  # the window keeps the last 3: 0.500, 0.012, 0.020
+    assert c.points() == [(pytest.approx(25 / 3), 0.020)]
     c.observe(8, 0.0)  # ignored: not a measurement
-    assert c.count_near(8) == 3
+    assert c.count_near(8) == 5
 
 
 def test_expected_tokens_and_drafts_worth() -> None:
@@ -124,25 +133,48 @@ def test_acceptance_tracker_counts_tried_positions() -> None:
     assert t.rate("a") == pytest.approx(t.global_rate)
 
 
-def test_policy_explores_speculation_off_before_trusting_extrapolation() -> None:
-    policy = AdaptiveSpecPolicy(4, explore_interval=2, min_samples=2, refresh_interval=10)
+def test_padded_verification_prices_every_row_and_drafts_max_k() -> None:
+    """With a verification graph every request computes 1 + max k rows: drafting requests then
+    get max k (no extra target cost), and the padded token count is what is priced."""
+    target = curve((4, 0.0044), (20, 0.0060))  # 4 ms + 0.1 ms per token
+    draft = curve((2, 1e-6))
+    rates, caps = [0.9, 0.9, 0.1, 0.1], [4] * 4
+    kw = dict(num_requests=4, base_tokens=4, target_time=target, draft_time=draft)
+    eager = plan_speculation(rates, caps, **kw)
+    # 4 + 2 * (0.9 + 0.81 + 0.729 + 0.6561) tokens for 12 tokens of verification.
+    assert eager.num_spec == [4, 4, 0, 0]
+    assert eager.tokens_per_s == pytest.approx(10.1902 / 0.0052, rel=1e-3)
+    padded = plan_speculation(rates, caps, max_padded_k=4, **kw)
+    # 20 rows either way: the 0.1 requests' drafts ride along for free.
+    assert padded.num_spec == [4, 4, 4, 4]
+    assert padded.tokens_per_s == pytest.approx(10.4124 / 0.0060, rel=1e-3)
+    # Beyond the graphs (max_padded_k) the eager pricing applies again.
+    assert plan_speculation(rates, caps, max_padded_k=3, **kw).num_spec == [4, 4, 0, 0]
+
+
+def test_policy_explores_off_first_then_the_shallowest_unmeasured_verification() -> None:
+    def target(n: int) -> float:  # 10 ms, +0.5 ms per token past 4
+        return 0.010 + 5e-4 * max(0, n - 4)
+
+    policy = AdaptiveSpecPolicy(4, explore_interval=2, min_samples=2, refresh_interval=12)
     cands = [("a", 4), ("b", 4)]
-    # Nothing measured at all: speculate (and so measure).
-    assert policy.plan(cands, num_requests=2, base_tokens=2) == {"a": 2, "b": 2}
-    policy.observe_target(100, 0.050)  # a prefill step
-    policy.observe_target(6, 0.010)
-    policy.observe_draft(2, 0.001)
-    # Batch of 2 never measured without drafts: one speculation-off step to measure it.
-    assert policy.plan(cands, num_requests=2, base_tokens=2) == {"a": 0, "b": 0}
-    policy.observe_target(2, 0.010)
-    # One sample < min_samples: trusted until explore_interval plans have passed. At rate 0.6,
-    # k=2 gives 3.92 tokens / (10 + 2 * 1) ms; k=3: 4.352 / 13.85 ms (T(8) interpolated to 100).
-    assert policy.plan(cands, num_requests=2, base_tokens=2) == {"a": 2, "b": 2}
-    assert policy.plan(cands, num_requests=2, base_tokens=2) == {"a": 0, "b": 0}
-    policy.observe_target(2, 0.010)
-    for _ in range(9):
-        assert policy.plan(cands, num_requests=2, base_tokens=2) == {"a": 2, "b": 2}
-    assert policy.plan(cands, num_requests=2, base_tokens=2) == {"a": 0, "b": 0}  # refresh
+    decisions = []
+    for _ in range(16):
+        plan = policy.plan(cands, num_requests=2, base_tokens=2)
+        n = 2 + sum(plan.values())
+        policy.observe_target(n, target(n))
+        if any(plan.values()):
+            policy.observe_draft(2, 0.001)
+        decisions.append(plan["a"])
+        assert plan["a"] == plan["b"]
+    # 1: nothing measured: off, measuring T(2). 2: T is flat above its one point, so the deepest
+    # plan looks best, but T(2 + 2k) was never measured: k = 1 first (the shallowest unmeasured
+    # size). 3: T(2) has 1 sample < min_samples: measured again. 4: the slope T(2) -> T(4) says
+    # nothing yet about T(6): k = 2 is tried. Then at rate 0.6 k = 2 wins on measured costs
+    # (3.92 tokens / 13 ms against 3.2 / 11 ms and 4.352 / 15 ms), until the refresh at plan 15.
+    assert decisions == [0, 1, 0, 2] + [2] * 10 + [0, 2]
+    st = policy.stats
+    assert (st.explores_off, st.explores_on, st.speculating) == (3, 2, 13)
 
 
 def test_policy_switches_a_bad_request_off_and_retries_it_later() -> None:
@@ -167,13 +199,110 @@ def test_policy_switches_a_bad_request_off_and_retries_it_later() -> None:
         pytest.fail("a request switched off is never retried")
 
 
-def test_policy_probes_speculation_after_a_long_off_streak() -> None:
-    policy = AdaptiveSpecPolicy(4, probe_interval=5)
+def test_policy_probes_after_off_streaks_that_double() -> None:
+    policy = AdaptiveSpecPolicy(4, probe_interval=3, max_probe_interval=8)
     for n, t in ((1, 0.010), (1, 0.010), (2, 0.010), (2, 0.010)):
         policy.observe_target(n, t)
     for _ in range(2):  # an unlucky draft measurement makes speculation look hopeless
         policy.observe_draft(1, 1.0)
     cands = [("a", 4)]
-    decisions = [policy.plan(cands, num_requests=1, base_tokens=1)["a"] for _ in range(10)]
-    # Off for 4 plans, then one probe at the unmeasured threshold (0.6^2 >= 0.3), and again.
-    assert decisions == [0, 0, 0, 0, 2, 0, 0, 0, 0, 2]
+    decisions = [policy.plan(cands, num_requests=1, base_tokens=1)["a"] for _ in range(26)]
+    # Probes (at the unmeasured threshold: 0.6^2 >= 0.3) after 3, then 6, then 8 (the cap) off
+    # plans: a probe that does not turn speculation back on makes the next one wait longer.
+    probes = [i for i, k in enumerate(decisions) if k]
+    assert probes == [2, 8, 16, 24] and all(decisions[i] == 2 for i in probes)
+    assert policy.stats.probes == 4
+
+
+# ---- closed loop: the policy against a synthetic engine ------------------------------------------
+def h100_like_target(n: float) -> float:
+    """An 8B-like target step: 8 ms memory-bound floor, 40 us per token past 128 tokens."""
+    return 0.008 + max(0.0, n - 128) * 40e-6
+
+
+def h100_like_draft(m: float) -> float:
+    """A 1B-like draft forward over m requests, one token each."""
+    return 0.001 + max(0.0, m - 64) * 6e-6
+
+
+def simulate(
+    policy,
+    batch: int,
+    rate: float,
+    steps: int,
+    *,
+    prompt_len: int = 128,
+    draft_prefill_per_token: float = 4e-6,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """Decode ``batch`` requests for ``steps`` steps under ``policy``, every request padded to
+    the step's longest query (verification graphs); acceptance is i.i.d. ``rate`` per draft.
+    A drafting request's draft first catches up (a prefill) on the tokens it has not seen.
+    Returns (output tokens per second, steps that speculated)."""
+    rng = random.Random(seed)
+    rids = [f"r{i}" for i in range(batch)]
+    plan = {rid: 0 for rid in rids}
+    behind = dict.fromkeys(rids, prompt_len)  # tokens the draft has not seen, per request
+    tokens = 0
+    seconds = 0.0
+    spec_steps = 0
+    for _ in range(steps):
+        k_max = max(plan.values())
+        n = batch * (1 + k_max)
+        t = h100_like_target(n)
+        policy.observe_target(n, t)
+        for rid in rids:
+            k = plan[rid]
+            a = 0
+            while a < k and rng.random() < rate:
+                a += 1
+            if k:
+                policy.observe_verification(rid, k, a)
+            tokens += a + 1
+            behind[rid] = 1 if k and a < k else behind[rid] + a + 1
+        plan = policy.plan(
+            [(rid, 5) for rid in rids], num_requests=batch, base_tokens=batch, max_padded_k=5
+        )
+        k_next = max(plan.values())
+        if k_next:
+            spec_steps += 1
+            drafting = [rid for rid in rids if plan[rid]]
+            d = h100_like_draft(len(drafting))
+            fed = sum(behind[rid] for rid in drafting)
+            if fed <= 3 * len(drafting):
+                policy.observe_draft(len(drafting), d)
+            t += k_next * d + max(fed - 2 * len(drafting), 0) * draft_prefill_per_token
+            for rid in drafting:
+                behind[rid] = 1
+        seconds += t
+    return tokens / seconds, spec_steps
+
+
+@pytest.mark.parametrize("batch,rate,speedup", [(1, 0.9, 2.6), (8, 0.7, 1.7), (64, 0.7, 1.35)])
+def test_closed_loop_speculates_where_it_wins(batch: int, rate: float, speedup: float) -> None:
+    """Where speculation wins, the policy gets close to the best fixed k (batch 1 at 0.9:
+    k = 5, 4.69 tokens per 8 + 5 ms, 2.89x; batch 64 at 0.7: k = 1, 1.7 tokens per request per
+    9 ms, 1.51x) within 128 steps of a cold start."""
+    off_rate = batch / h100_like_target(batch)
+    got, spec_steps = simulate(AdaptiveSpecPolicy(5), batch=batch, rate=rate, steps=128)
+    assert got > speedup * off_rate
+    assert spec_steps == 128
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.7, 0.9])
+def test_closed_loop_large_batch_is_never_slower_than_off(rate: float) -> None:
+    batch = 256
+    off_rate = batch / h100_like_target(batch)
+    cold = AdaptiveSpecPolicy(5)
+    got, spec_steps = simulate(cold, batch=batch, rate=rate, steps=128)
+    # A fresh policy measures one verification of 2 tokens per request, drafting for a few
+    # requests only (their catch-up prefill is small); its measurements then keep it off.
+    assert spec_steps == 1 and cold.stats.explores_on == 1
+    assert got > 0.985 * off_rate
+    # With the cost curves learnt (here: by the run above), only the probe after 128 plans
+    # speculates (for a few requests).
+    warm = AdaptiveSpecPolicy(5)
+    warm.target, warm.draft = cold.target, cold.draft
+    got, spec_steps = simulate(warm, batch=batch, rate=rate, steps=128, seed=1)
+    assert spec_steps == 1 and warm.stats.probes == 1
+    assert got > 0.99 * off_rate

@@ -7,29 +7,43 @@ Two decisions, made together each step by ``plan_speculation``:
   the replica-wide rate; planned on a 1/RATE_GRID grid): with k drafts and i.i.d. acceptance a,
   a step yields on average E(k) = 1 + a + a^2 + ... + a^k tokens; draft j is worth a^j expected
   tokens.
-- per step, from a measured cost model: the target forward's time as a function of the step's
-  tokens, T(n), and one draft forward's time as a function of its tokens, D(n) (a proposal's
-  forwards after the first carry one token per drafting request). A plan {k_i} costs
-  T(n_base + sum k_i) + max_i(k_i) * D(#{k_i > 0}) and yields
-  sum_i E_i(k_i) + (requests not speculating) tokens. Plans considered: for each threshold theta
-  in THRESHOLDS, k_i = the drafts of request i worth >= theta each (a_i^j >= theta), capped. The
-  plan with the best tokens/second wins, and only if it beats speculation off,
-  n_req / T(n_base), by ``min_gain``; otherwise every k is 0 and the draft does not run at all.
+- per step, from a measured cost model: the target step's time as a function of its tokens,
+  T(n), and the draft's time per forward as a function of the requests drafting, D(m) (a
+  proposal's forwards after the first carry one token per drafting request). A plan {k_i} costs
+  T(n_verify) + max_i(k_i) * D(#{k_i > 0}) and yields sum_i E_i(k_i) + (requests not
+  speculating) tokens, where n_verify = n_base + sum k_i, or, when the verification step will
+  replay a CUDA graph (k <= ``max_padded_k``), n_base + n_req * max_i(k_i): every request is
+  padded to the longest query. Plans considered: for each threshold theta in THRESHOLDS, k_i =
+  the drafts of request i worth >= theta each (a_i^j >= theta), capped; and with graphs, for each
+  k and theta, k drafts for every request whose first draft is worth >= theta (padding makes
+  the others' drafts free on the target side). The plan with the best tokens/second wins, and
+  only if it beats speculation off, n_req / T(n_base), by ``min_gain``; otherwise every k is 0
+  and the draft does not run at all.
 
-The cost curves are learnt online by the runner (``observe_target`` / ``observe_draft``). When the
-non-speculative point T(n_base) has never been measured near n_base, the controller takes a
-speculation-off step to measure it (at most once per ``explore_interval`` plans per bucket), so it
-can never keep speculating on a guess: a bucket with fewer than ``min_samples`` observations is
-measured every ``explore_interval`` plans, and every bucket again every ``refresh_interval`` plans.
-Symmetrically, after ``probe_interval`` consecutive plans with speculation off, one step
-speculates (the UNMEASURED_THRESHOLD plan) so a stale or unlucky draft measurement cannot keep
-it off for good.
+The cost curves are learnt online by the runner (``observe_target`` / ``observe_draft``) from
+steady-state steps only: target steps of decode/verification shape (no prefill chunk), timed from
+input building to sampled ids (the same span for graph replays and eager steps), and proposals
+whose first forward was not a catch-up prefill. Each curve keeps a window of recent samples per
+size bucket (its median: one slow outlier does not switch speculation off).
+
+Exploration. Speculation-off throughput T(n_base) must be measured near n_base before any plan
+trusts it: the controller takes a speculation-off step when that bucket was never measured, then
+every ``refresh_interval`` plans (these are cheap: one ordinary decode step). The speculative side
+is explored by optimism: above the largest size measured, T is extrapolated along its last
+segment (flat from a single point), so an unmeasured verification size looks cheap and gets
+tried; such a plan runs for the ``explore_requests`` best-accepting requests only (with a padded
+verification graph the step still costs its full size, which is what gets measured, while the
+draft's catch-up prefill stays small). After ``probe_interval`` consecutive plans with
+speculation off, one step speculates likewise for a few requests (the UNMEASURED_THRESHOLD plan),
+so stale measurements cannot keep it off for good; each probe that does not turn speculation
+back on doubles the interval (up to ``max_probe_interval``).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,17 +61,19 @@ def _bucket(n: int) -> int:
 
 
 class CostCurve:
-    """Seconds as a function of a size, from observations: per half-octave bucket an average of
-    (size, seconds) (exponentially weighted, ``ema`` for new samples), linear interpolation between
-    buckets, flat below the smallest size seen (small steps are launch/memory bound) and
-    proportional above the largest (large steps are compute bound).
+    """Seconds as a function of a size, from observations: per half-octave bucket the recent
+    samples (the last ``window``; point = (mean size, median seconds)), linear interpolation
+    between buckets, flat below the smallest size seen (small steps are launch/memory bound),
+    and above the largest along the slope of the last segment (never decreasing; flat when only
+    one bucket is known), so that a size never measured looks no more expensive than the largest
+    one plus its trend.
 
     A bucket's first sample is provisional: the second replaces it, since a shape's first run
     often pays one-off costs (kernel compilation, autotuning, allocator growth)."""
 
-    def __init__(self, ema: float = 0.25) -> None:
-        self.ema = ema
-        self._points: dict[int, tuple[float, float]] = {}  # bucket -> (mean size, mean seconds)
+    def __init__(self, window: int = 8) -> None:
+        self.window = window
+        self._samples: dict[int, deque[tuple[int, float]]] = {}
         self._counts: dict[int, int] = {}
         self._sorted: list[tuple[float, float]] | None = None  # points by size, rebuilt lazily
 
@@ -65,12 +81,10 @@ class CostCurve:
         if size <= 0 or seconds <= 0:
             return
         b = _bucket(size)
-        old = self._points.get(b)
-        if old is None or self._counts[b] == 1:
-            self._points[b] = (float(size), seconds)
-        else:
-            w = self.ema
-            self._points[b] = ((1 - w) * old[0] + w * size, (1 - w) * old[1] + w * seconds)
+        samples = self._samples.setdefault(b, deque(maxlen=self.window))
+        if self._counts.get(b, 0) == 1:
+            samples.clear()
+        samples.append((size, seconds))
         self._counts[b] = self._counts.get(b, 0) + 1
         self._sorted = None
 
@@ -79,18 +93,31 @@ class CostCurve:
         return self._counts.get(_bucket(size), 0)
 
     def __bool__(self) -> bool:
-        return bool(self._points)
+        return bool(self._samples)
+
+    def points(self) -> list[tuple[float, float]]:
+        """(mean size, median seconds) per bucket, by size."""
+        if self._sorted is None:
+            pts = []
+            for samples in self._samples.values():
+                secs = sorted(t for _, t in samples)
+                mid = len(secs) // 2
+                median = secs[mid] if len(secs) % 2 else (secs[mid - 1] + secs[mid]) / 2
+                pts.append((sum(n for n, _ in samples) / len(samples), median))
+            self._sorted = sorted(pts)
+        return self._sorted
 
     def __call__(self, size: float) -> float | None:
-        if not self._points:
+        if not self._samples:
             return None
-        if self._sorted is None:
-            self._sorted = sorted(self._points.values())
-        pts = self._sorted
+        pts = self.points()
         if size <= pts[0][0]:
             return pts[0][1]
         if size >= pts[-1][0]:
-            return pts[-1][1] * size / pts[-1][0]
+            if len(pts) == 1:
+                return pts[0][1]
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+            return y1 + max(y1 - y0, 0.0) / (x1 - x0) * (size - x1)
         i = bisect.bisect_left(pts, (size, -math.inf))  # pts[i - 1][0] < size <= pts[i][0]
         (x0, y0), (x1, y1) = pts[i - 1], pts[i]
         return y0 + (y1 - y0) * (size - x0) / (x1 - x0)
@@ -128,13 +155,15 @@ def plan_speculation(
     target_time: Callable[[float], float | None],
     draft_time: Callable[[float], float | None],
     min_gain: float = 1.02,
+    max_padded_k: int = 0,
 ) -> Plan:
     """Choose drafts per candidate request (``rates``/``caps`` aligned); see the module docstring.
 
     ``num_requests`` requests sample next step (candidates included), ``base_tokens`` is the step's
-    token count without drafts. Unknown costs: with no target measurement at all the plan is the
-    UNMEASURED_THRESHOLD one (the step speculates and so gets measured); an unmeasured draft
-    counts as free.
+    token count without drafts. A plan whose longest draft run is at most ``max_padded_k`` is
+    verified by a padded CUDA graph (num_requests * (1 + k) tokens). Unknown costs: with no
+    target measurement at all the plan is the UNMEASURED_THRESHOLD one (the step speculates and
+    so gets measured); an unmeasured draft counts as free.
     """
     # Requests with the same (rate on the grid, cap) get the same k: plan per group.
     keys = [(round(r * RATE_GRID) / RATE_GRID, c) for r, c in zip(rates, caps)]
@@ -146,26 +175,54 @@ def plan_speculation(
         chosen = {g: drafts_worth(g[0], UNMEASURED_THRESHOLD, g[1]) for g in groups}
         return Plan([chosen[key] for key in keys], tokens_per_s=math.inf, off_tokens_per_s=0.0)
     off = num_requests / t_off
-    best: dict[tuple[float, int], int] | None = None
+    floor = off * min_gain  # a plan must beat this (and every plan before it)
+    gkeys = list(groups)
+    sizes = [groups[g] for g in gkeys]
+    # tokens[i][k]: expected tokens per request of group i with k drafts (k <= its cap).
+    tokens = [[expected_tokens(rate, k) for k in range(cap + 1)] for rate, cap in gkeys]
+    best: list[int] | None = None
     best_rate = off
     seen: set[tuple[int, ...]] = set()
-    for theta in THRESHOLDS:
-        ks = {g: drafts_worth(g[0], theta, g[1]) for g in groups}
-        sig = tuple(ks.values())
-        if sig in seen or not any(sig):
-            continue
+
+    def price(ks: list[int], verify_tokens: int, t_target: float | None = None) -> None:
+        nonlocal best, best_rate
+        sig = tuple(ks)
+        if sig in seen:
+            return
         seen.add(sig)
-        extra = sum(n * (expected_tokens(g[0], ks[g]) - 1.0) for g, n in groups.items())
-        num_drafts = sum(n * ks[g] for g, n in groups.items())
-        num_drafting = sum(n for g, n in groups.items() if ks[g])
-        t_target = target_time(base_tokens + num_drafts) or 0.0
+        extra = sum(n * (t[k] - 1.0) for n, t, k in zip(sizes, tokens, ks))
+        num_drafting = sum(n for n, k in zip(sizes, ks) if k)
+        if t_target is None:
+            t_target = target_time(verify_tokens) or 0.0
         t_draft = draft_time(num_drafting) or 0.0
-        rate = (num_requests + extra) / (t_target + max(sig) * t_draft)
-        if rate > best_rate and rate > off * min_gain:
+        rate = (num_requests + extra) / (t_target + max(ks) * t_draft)
+        if rate > best_rate and rate > floor:
             best, best_rate = ks, rate
+
+    # Unpadded: for each threshold theta, the drafts worth >= theta each (kept where they need
+    # more than the graphs' max_padded_k drafts).
+    for theta in THRESHOLDS:
+        ks = [drafts_worth(rate, theta, cap) for rate, cap in gkeys]
+        if max(ks) > max_padded_k:
+            price(ks, base_tokens + sum(n * k for n, k in zip(sizes, ks)))
+    # Padded (a verification graph): the target computes k + 1 rows per request whatever each
+    # drafts, so for each k and theta, k drafts (capped) for every request whose first draft is
+    # worth >= theta. A k whose target time alone loses with every request drafting is skipped.
+    joins = [[drafts_worth(rate, theta, 1) > 0 for rate, _ in gkeys] for theta in THRESHOLDS]
+    for k in range(1, max_padded_k + 1):
+        verify_tokens = base_tokens + num_requests * k
+        t_target = target_time(verify_tokens) or 0.0
+        upper = sum(n * (t[min(k, len(t) - 1)] - 1.0) for n, t in zip(sizes, tokens))
+        if t_target > 0 and (num_requests + upper) / t_target <= max(best_rate, floor):
+            continue
+        for join in joins:
+            ks = [min(cap, k) if j else 0 for (_, cap), j in zip(gkeys, join)]
+            if any(ks):
+                price(ks, verify_tokens, t_target)
     if best is None:
         return Plan([0] * len(keys), tokens_per_s=off, off_tokens_per_s=off)
-    return Plan([best[key] for key in keys], tokens_per_s=best_rate, off_tokens_per_s=off)
+    chosen = dict(zip(gkeys, best))
+    return Plan([chosen[key] for key in keys], tokens_per_s=best_rate, off_tokens_per_s=off)
 
 
 class AcceptanceTracker:
@@ -212,10 +269,17 @@ class AcceptanceTracker:
 
 
 class SpecPolicy(Protocol):
-    """What the runner asks each step. ``candidates`` are (request_id, most drafts allowed)."""
+    """What the runner asks each step. ``candidates`` are (request_id, most drafts allowed);
+    ``max_padded_k``: verification steps with at most this many drafts per request replay a
+    padded CUDA graph (0: none)."""
 
     def plan(
-        self, candidates: Sequence[tuple[str, int]], *, num_requests: int, base_tokens: int
+        self,
+        candidates: Sequence[tuple[str, int]],
+        *,
+        num_requests: int,
+        base_tokens: int,
+        max_padded_k: int = 0,
     ) -> dict[str, int]: ...
 
     def observe_verification(self, request_id: str, drafted: int, accepted: int) -> None: ...
@@ -236,7 +300,12 @@ class FixedSpecPolicy:
         self.per_request = dict(per_request or {})
 
     def plan(
-        self, candidates: Sequence[tuple[str, int]], *, num_requests: int, base_tokens: int
+        self,
+        candidates: Sequence[tuple[str, int]],
+        *,
+        num_requests: int,
+        base_tokens: int,
+        max_padded_k: int = 0,
     ) -> dict[str, int]:
         return {rid: min(cap, self.per_request.get(rid, self.k)) for rid, cap in candidates}
 
@@ -253,6 +322,18 @@ class FixedSpecPolicy:
         pass
 
 
+@dataclass
+class PolicyStats:
+    """What the adaptive policy decided, for benchmarks and debugging."""
+
+    plans: int = 0  # plans with at least one candidate
+    speculating: int = 0  # of which speculated (explorations and probes included)
+    explores_off: int = 0  # speculation-off steps taken to measure T(n_base)
+    explores_on: int = 0  # plans cut to a few requests: T(n_verify) not measured that high
+    probes: int = 0  # speculating steps (a few requests) forced after an off streak
+    drafts: int = 0  # drafts planned in total
+
+
 class AdaptiveSpecPolicy:
     """Acceptance-driven per-request k and cost-model-driven step decision (module docstring)."""
 
@@ -262,10 +343,12 @@ class AdaptiveSpecPolicy:
         *,
         tracker: AcceptanceTracker | None = None,
         min_gain: float = 1.02,
-        min_samples: int = 3,
-        explore_interval: int = 8,
+        min_samples: int = 2,
+        explore_interval: int = 16,
         refresh_interval: int = 256,
-        probe_interval: int = 64,
+        probe_interval: int = 128,
+        max_probe_interval: int = 4096,
+        explore_requests: int = 4,
     ) -> None:
         self.max_k = max_k
         self.tracker = tracker or AcceptanceTracker()
@@ -276,21 +359,32 @@ class AdaptiveSpecPolicy:
         self.explore_interval = explore_interval
         self.refresh_interval = refresh_interval
         self.probe_interval = probe_interval
+        self.max_probe_interval = max_probe_interval
+        self.explore_requests = explore_requests
+        self._probe_every = probe_interval
         self._off_streak = 0
         self._num_plans = 0
         self._explored_at: dict[int, int] = {}  # base-tokens bucket -> plan number
         self.last_plan: Plan | None = None
+        self.stats = PolicyStats()
 
     def plan(
-        self, candidates: Sequence[tuple[str, int]], *, num_requests: int, base_tokens: int
+        self,
+        candidates: Sequence[tuple[str, int]],
+        *,
+        num_requests: int,
+        base_tokens: int,
+        max_padded_k: int = 0,
     ) -> dict[str, int]:
         self._num_plans += 1
         if not candidates:
             return {}
-        if self.target and self._explore_due(base_tokens):
+        self.stats.plans += 1
+        if self._explore_due(base_tokens):
             # Measure speculation off at this batch before trusting an extrapolation.
             self._explored_at[_bucket(base_tokens)] = self._num_plans
             self.last_plan = None
+            self.stats.explores_off += 1
             return {rid: 0 for rid, _ in candidates}
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
@@ -302,25 +396,67 @@ class AdaptiveSpecPolicy:
             target_time=self.target,
             draft_time=self.draft,
             min_gain=self.min_gain,
+            max_padded_k=max_padded_k,
         )
         if any(plan.num_spec):
             self._off_streak = 0
+            k_explore = self._exploration_k(plan.num_spec, num_requests, base_tokens, max_padded_k)
+            if k_explore:
+                # T(n_verify) was never measured this high: find out with a few requests and
+                # the shallowest verification not measured yet (a cheap step to learn the slope).
+                self.stats.explores_on += 1
+                plan.num_spec = self._few([min(k, k_explore) for k in plan.num_spec], rates)
+            else:  # a measured win: probing may start over
+                self._probe_every = self.probe_interval
         else:
             self._off_streak += 1
-            if self._off_streak >= self.probe_interval:
-                # Re-measure the speculative side once.
+            if self._off_streak >= self._probe_every:
+                # Re-measure the speculative side once, with a few requests; if it stays off,
+                # wait twice as long.
                 self._off_streak = 0
+                self._probe_every = min(2 * self._probe_every, self.max_probe_interval)
+                self.stats.probes += 1
+                probe = [
+                    max(drafts_worth(r, UNMEASURED_THRESHOLD, c), 1) for r, c in zip(rates, caps)
+                ]
                 plan = Plan(
-                    [drafts_worth(r, UNMEASURED_THRESHOLD, c) for r, c in zip(rates, caps)],
+                    self._few(probe, rates),
                     tokens_per_s=math.nan,
                     off_tokens_per_s=plan.off_tokens_per_s,
                 )
         self.last_plan = plan
         step_on = any(plan.num_spec)
+        if step_on:
+            self.stats.speculating += 1
+            self.stats.drafts += sum(plan.num_spec)
         for (rid, _), k in zip(candidates, plan.num_spec):
             if step_on and k == 0:
                 self.tracker.idle(rid)
         return {rid: k for (rid, _), k in zip(candidates, plan.num_spec)}
+
+    def _exploration_k(
+        self, num_spec: list[int], num_requests: int, base_tokens: int, max_padded_k: int
+    ) -> int:
+        """0 if the plan's verification size was measured (or lies below a measured size);
+        else the fewest drafts per request whose verification size was not."""
+        pts = self.target.points()
+        largest = pts[-1][0] if pts else 0.0
+        for k in range(1, max(num_spec) + 1):
+            drafts = num_requests * k if k <= max_padded_k else sum(min(x, k) for x in num_spec)
+            n = base_tokens + drafts
+            if n > largest and self.target.count_near(n) == 0:
+                return k
+        return 0
+
+    def _few(self, num_spec: list[int], rates: list[float]) -> list[int]:
+        """``num_spec`` for the ``explore_requests`` best-accepting requests, 0 for the others:
+        an exploration at a large batch then costs one (padded) verification step and a draft
+        catch-up for a few requests, not for all."""
+        keep = sorted(range(len(rates)), key=lambda i: -rates[i])[: self.explore_requests]
+        out = [0] * len(num_spec)
+        for i in keep:
+            out[i] = num_spec[i]
+        return out
 
     def _explore_due(self, base_tokens: int) -> bool:
         last = self._explored_at.get(_bucket(base_tokens))

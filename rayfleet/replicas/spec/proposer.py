@@ -15,6 +15,12 @@ One ``propose`` call, for requests whose verified tokens are x_0 .. x_{L-1}:
 so after it the draft holds KV for positions < L + k - 1 (d_k is never fed). Lookahead slots the
 scheduler reserved cover those positions. Requests with ``num_spec == 0`` only fill KV (chunked
 prefill catch-up) and take part in forward 1 alone.
+
+In steady state forward 1 feeds 1 token per request (the target's correction after a rejection),
+2 (d_k and the bonus token, all accepted) or 3 (after a speculation-off step), so with CUDA graphs
+every forward of a proposal replays one. The host knows every forward's positions and slots in
+advance; only token ids flow from one forward to the next, on the device, so a proposal
+synchronizes with the host once, at the end (see ``_DraftSampling`` for the exception).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rayfleet.kernels.attention_ref import AttentionMetadata
 from rayfleet.replicas.cuda_graphs import DecodeGraphs
 from rayfleet.replicas.model.forward import ForwardBatch
 from rayfleet.replicas.runner import (
@@ -32,9 +39,20 @@ from rayfleet.replicas.runner import (
     kv_cache_bytes_per_block,
     slot_mapping,
 )
-from rayfleet.replicas.sampler import MIN_TEMPERATURE, Sampler, SamplerRow
+from rayfleet.replicas.sampler import (
+    MIN_TEMPERATURE,
+    Sampler,
+    SamplerRow,
+    mask_min_tokens,
+    reads_history,
+)
 from rayfleet.replicas.spec.rejection import DRAFT_STREAM, HistoryView, stream_seed
+from rayfleet.replicas.transfer import index_tensor
 from rayfleet.sampling_params import SamplingParams
+
+# Query lengths of the draft's CUDA graphs: forwards 2..k feed 1 token per request, forward 1 up
+# to 3 in steady state (module docstring).
+DRAFT_GRAPH_QUERY_LENS = (1, 2, 3)
 
 
 @dataclass
@@ -56,7 +74,8 @@ class DraftProposals:
     # [rows, V] distributions the sampled requests' drafts were drawn from (None: all greedy).
     probs: torch.Tensor | None = None
     prob_rows: dict[str, list[int]] = field(default_factory=dict)
-    # (tokens in the forward, seconds) of each draft forward, for the cost model.
+    # (drafting requests, seconds per draft forward) of a steady-state proposal, for the cost
+    # model: the proposal's wall time (host overhead included) over its number of forwards.
     timings: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -103,33 +122,31 @@ class DraftProposer:
         )
 
     def enable_cuda_graphs(
-        self, capture_sizes: list[int], max_blocks_per_seq: int, max_seq_len: int
+        self,
+        capture_sizes: list[int],
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        *,
+        emulate: bool = False,
     ) -> None:
-        """Capture decode graphs for the draft (CUDA; after allocate_kv_cache). Every proposal
-        forward after the first feeds one token per request: exactly a decode step."""
-
+        """Capture graphs for the draft (CUDA; after allocate_kv_cache): the single-token forwards
+        2..k of a proposal, and its first forward when it feeds at most 3 tokens per request
+        (``DRAFT_GRAPH_QUERY_LENS``). ``emulate``: no capture, the same padded layouts eagerly
+        (CPU tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
+            query_lens=DRAFT_GRAPH_QUERY_LENS,
+            emulate=emulate,
         )
 
-    def _forward(
-        self, input_ids: list[int], positions: list[int], spans: list[tuple[list[int], int, int]]
-    ) -> torch.Tensor:
-        """Draft forward over the concatenated spans (block_ids, start, end); returns the hidden
-        state of each span's last token [num_spans, hidden]."""
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        for block_ids, start, end in spans:
-            slots.extend(slot_mapping(block_ids, start, end, self.block_size))
-            qsl.append(qsl[-1] + end - start)
-            seq_lens.append(end)
-            tables.append(block_ids)
-        meta = build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
+    def _run(
+        self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        if self.graphs is not None and self.graphs.can_run(meta, ids.shape[0]):
+            return self.graphs.run(ids, pos, meta)
         batch = ForwardBatch(
             meta=meta,
             kv_caches=self.kv_caches,
@@ -137,125 +154,233 @@ class DraftProposer:
             write_kv=self.write_kv,
             rope_and_write_kv=self.rope_and_write_kv,
         )
-        dev = self.device
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        if self.graphs is not None and self.graphs.can_run(meta, len(input_ids)):
-            hidden = self.graphs.run(ids, pos, meta)
-        else:
-            hidden = self.model(ids, pos, batch)
-        last = torch.tensor(qsl[1:], dtype=torch.int64, device=dev) - 1
-        return hidden[last]
+        return self.model(ids, pos, batch)
 
-    @torch.inference_mode()
-    def propose(self, reqs: list[DraftRequest]) -> DraftProposals:
-        out = DraftProposals()
-        if not reqs:
-            return out
-        t0 = time.perf_counter()
+    def _first_forward(self, reqs: list[DraftRequest]) -> tuple[torch.Tensor, int]:
+        """Forward 1 over every request's span token_ids[start:end]; returns the hidden state of
+        each span's last token [len(reqs), hidden] and the number of tokens fed."""
         input_ids: list[int] = []
         positions: list[int] = []
-        spans = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
         for r in reqs:
             if not 0 <= r.start < r.end <= len(r.token_ids):
                 raise ValueError(f"{r.request_id}: bad draft span [{r.start}, {r.end})")
             input_ids.extend(r.token_ids[r.start : r.end])
             positions.extend(range(r.start, r.end))
-            spans.append((r.block_ids, r.start, r.end))
-        last_hidden = self._forward(input_ids, positions, spans)
-        active = [i for i, r in enumerate(reqs) if r.num_spec > 0]
-        drafts: dict[int, list[int]] = {i: [] for i in active}
-        prob_chunks: list[torch.Tensor] = []
-        num_prob_rows = 0
-        step = 0
-        while active:
-            if step > 0:
-                t0 = time.perf_counter()
-                # Feed each request's newest draft at the position after its previous token.
-                ids, pos, sp = [], [], []
-                for i in active:
-                    r = reqs[i]
-                    p = r.end + step - 1
-                    ids.append(drafts[i][-1])
-                    pos.append(p)
-                    sp.append((r.block_ids, p, p + 1))
-                last_hidden = self._forward(ids, pos, sp)
-                rows_hidden = last_hidden
-            else:
-                rows_hidden = last_hidden[torch.tensor(active, device=self.device)]
-            logits = self.model.compute_logits(rows_hidden)  # [A, V] float32
-            toks, probs, sampled = self._sample(logits, [reqs[i] for i in active], drafts, active)
-            if probs is not None:
-                prob_chunks.append(probs)
-                for j, a in enumerate(sampled):
-                    out.prob_rows.setdefault(reqs[active[a]].request_id, []).append(
-                        num_prob_rows + j
-                    )
-                num_prob_rows += probs.shape[0]
-            for a, i in enumerate(active):
-                drafts[i].append(toks[a])
-            num_tokens = len(input_ids) if step == 0 else len(active)
-            out.timings.append((num_tokens, time.perf_counter() - t0))
-            step += 1
-            active = [i for i in active if reqs[i].num_spec > step]
-        if step == 0:  # only KV filling: make the timing cover the forward
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            out.timings.append((len(input_ids), time.perf_counter() - t0))
-        for i, d in drafts.items():
-            out.token_ids[reqs[i].request_id] = d
-        if prob_chunks:
-            out.probs = torch.cat(prob_chunks) if len(prob_chunks) > 1 else prob_chunks[0]
+            slots.extend(slot_mapping(r.block_ids, r.start, r.end, self.block_size))
+            qsl.append(qsl[-1] + r.end - r.start)
+            seq_lens.append(r.end)
+            tables.append(r.block_ids)
+        meta = build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
+        dev = self.device
+        hidden = self._run(index_tensor(input_ids, dev), index_tensor(positions, dev), meta)
+        if len(input_ids) == len(reqs):
+            return hidden, len(input_ids)
+        last = index_tensor([n - 1 for n in qsl[1:]], dev)
+        return hidden.index_select(0, last), len(input_ids)
+
+    @torch.inference_mode()
+    def propose(self, reqs: list[DraftRequest]) -> DraftProposals:
+        """Drafts for every request with num_spec > 0 (see the module docstring). One host
+        synchronization at the end, unless a drafting request uses repetition / presence /
+        frequency penalties (those read the drafts so far on the host: one per forward)."""
+        out = DraftProposals()
+        if not reqs:
+            return out
+        t0 = time.perf_counter()
+        last_hidden, num_fed = self._first_forward(reqs)
+        # Drafting requests by num_spec descending: those still drafting at forward j are a
+        # prefix, of length counts[j].
+        order = sorted(
+            (i for i, r in enumerate(reqs) if r.num_spec > 0), key=lambda i: -reqs[i].num_spec
+        )
+        if not order:  # only KV filling (chunked-prefill catch-up)
+            return out
+        drafting = [reqs[i] for i in order]
+        kmax = drafting[0].num_spec
+        counts = [sum(1 for r in drafting if r.num_spec > j) for j in range(kmax)]
+        if order != list(range(len(reqs))):
+            last_hidden = last_hidden.index_select(0, index_tensor(order, self.device))
+        sampling = _DraftSampling(self, drafting)
+        # [rows, kmax]: draft j + 1 of row r at [r, j] (rows past counts[j] unused), on the device.
+        drafts = torch.zeros(len(drafting), kmax, dtype=torch.int64, device=self.device)
+        steps = None
+        if kmax > 1:  # forwards 2..kmax: all their inputs at once
+            steps = _SingleTokenSteps(drafting, counts, self.block_size, self.device)
+        hidden = last_hidden
+        for j in range(kmax):
+            m = counts[j]
+            if j > 0:
+                assert steps is not None
+                pos, meta = steps.inputs(j)
+                hidden = self._run(drafts[:m, j - 1], pos, meta)  # feed d_j of the first m rows
+            logits = self.model.compute_logits(hidden)  # [m, V] float32
+            drafts[:m, j] = sampling.sample(logits, j)
+        # The proposal's one synchronization (unless penalties needed the history each forward).
+        host = sampling.history if sampling.history is not None else drafts.tolist()
+        for r, d in zip(drafting, host):
+            out.token_ids[r.request_id] = d[: r.num_spec]
+        out.probs, out.prob_rows = sampling.probs(drafting)
+        # Proposal time per draft forward, for the cost model; only in steady state (forward 1
+        # fed at most 3 tokens per request), not when it was a catch-up prefill.
+        if num_fed <= 3 * len(reqs):
+            out.timings.append((len(drafting), (time.perf_counter() - t0) / kmax))
         return out
 
-    def _sample(
-        self,
-        logits: torch.Tensor,
-        reqs: list[DraftRequest],
-        drafts: dict[int, list[int]],
-        active: list[int],
-    ) -> tuple[list[int], torch.Tensor | None, list[int]]:
-        """Draft tokens for one position of each active request, through the sampler's transform
-        (penalties see the drafts proposed so far). Returns (tokens, probs of the sampled rows,
-        which of the rows were sampled)."""
-        rows = [
-            SamplerRow(
-                params=r.params,
-                # Only the repetition penalty reads the prompt: skip copying it otherwise.
-                prompt_token_ids=r.token_ids[: r.num_prompt_tokens]
-                if r.params.repetition_penalty != 1.0
-                else (),
-                output_token_ids=HistoryView(r.output_token_ids, drafts[i]),
-                eos_token_ids=self.eos_token_ids,
-            )
-            for r, i in zip(reqs, active)
+
+class _SingleTokenSteps:
+    """Inputs of forwards 2..kmax of a proposal, built on the host at once: forward j feeds
+    d_j of the first counts[j] drafting requests at position end + j - 1 (one host-to-device
+    copy for all of them; the token ids come from the previous forward, on the device)."""
+
+    def __init__(
+        self, drafting: list[DraftRequest], counts: list[int], block_size: int, dev: torch.device
+    ) -> None:
+        self.counts = counts  # len(counts) = kmax >= 2
+        m1 = counts[1]
+        width = max(len(r.block_ids) for r in drafting[:m1])
+        table = torch.tensor(
+            [b for r in drafting[:m1] for b in r.block_ids + [0] * (width - len(r.block_ids))],
+            dtype=torch.int64,
+        ).view(m1, width)
+        ends = torch.tensor([r.end for r in drafting[:m1]], dtype=torch.int64)
+        pos = torch.cat([ends[: counts[j]] + (j - 1) for j in range(1, len(counts))])
+        rows = torch.cat([torch.arange(counts[j]) for j in range(1, len(counts))])
+        slots = table[rows, pos // block_size] * block_size + pos % block_size
+        n = pos.shape[0]
+        self.offsets = [0, 0]  # forward j's rows start at offsets[j] (j >= 1)
+        for j in range(1, len(counts)):
+            self.offsets.append(self.offsets[-1] + counts[j])
+        self.seq_lens = (pos + 1).tolist()
+        # One copy: positions, slots, seq_lens, block table (int64; narrowed on the device).
+        packed = torch.cat([pos, slots, pos + 1, table.view(-1)]).to(dev, non_blocking=True)
+        self.positions, self.slot_mapping = packed[:n], packed[n : 2 * n]
+        self.seq_lens_dev = packed[2 * n : 3 * n].to(torch.int32)
+        self.block_tables = packed[3 * n :].view(m1, width).to(torch.int32)
+        self.qsl = torch.arange(m1 + 1, dtype=torch.int32, device=dev)
+
+    def inputs(self, j: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Positions [counts[j]] and attention metadata of forward j + 1 (j >= 1)."""
+        m, o = self.counts[j], self.offsets[j]
+        seq_lens = self.seq_lens[o : o + m]
+        return self.positions[o : o + m], AttentionMetadata(
+            slot_mapping=self.slot_mapping[o : o + m],
+            query_start_loc=self.qsl[: m + 1],
+            seq_lens=self.seq_lens_dev[o : o + m],
+            block_tables=self.block_tables[:m],
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=list(range(m + 1)),
+            seq_lens_cpu=seq_lens,
+        )
+
+
+class _DraftSampling:
+    """Draws the drafts of one proposal, row r = drafting[r], forward j = draft position j + 1,
+    through the sampler's transform (penalties see the drafts proposed so far; min_tokens counts
+    them). Tokens stay on the device unless penalties need the history on the host."""
+
+    def __init__(self, proposer: DraftProposer, drafting: list[DraftRequest]) -> None:
+        self.p = proposer
+        self.drafting = drafting
+        eos = proposer.eos_token_ids
+        # Only temperature / top-k / top-p / min-p are read from these rows.
+        self.rows = [SamplerRow(r.params, (), (), eos) for r in drafting]
+        self.greedy = [i for i, r in enumerate(drafting) if r.params.temperature < MIN_TEMPERATURE]
+        self.sampled = [
+            i for i, r in enumerate(drafting) if r.params.temperature >= MIN_TEMPERATURE
         ]
-        x = Sampler.apply_penalties(logits, rows)
-        dev = self.device
-        tokens = torch.empty(len(rows), dtype=torch.long, device=dev)
-        greedy = [j for j, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
-        sampled = [j for j, r in enumerate(rows) if r.params.temperature >= MIN_TEMPERATURE]
-        probs = None
-        if greedy:
-            g = torch.tensor(greedy, dtype=torch.long, device=dev)
-            tokens[g] = x[g].argmax(dim=-1)
-        if sampled:
-            s_idx = torch.tensor(sampled, dtype=torch.long, device=dev)
-            sub = [rows[j] for j in sampled]
-            probs = Sampler.sampling_probs(x[s_idx], sub)  # [S, V]
+        self.history: list[list[int]] | None = None
+        if any(reads_history(r.params) for r in drafting):
+            self.history = [[] for _ in drafting]
+        self.prob_chunks: list[tuple[torch.Tensor, list[int]]] = []  # (probs, rows) per forward
+
+    def sample(self, logits: torch.Tensor, j: int) -> torch.Tensor:  # [m] long, on the device
+        """Draft position j + 1 of the first m = logits.shape[0] rows."""
+        m = logits.shape[0]
+        dev = logits.device
+        eos = self.p.eos_token_ids
+        drafting = self.drafting[:m]
+        if self.history is not None:
+            history = self.history
+            x = Sampler.apply_penalties(
+                logits,
+                [
+                    SamplerRow(
+                        params=r.params,
+                        # Only the repetition penalty reads the prompt: skip copying it otherwise.
+                        prompt_token_ids=r.token_ids[: r.num_prompt_tokens]
+                        if r.params.repetition_penalty != 1.0
+                        else (),
+                        output_token_ids=HistoryView(r.output_token_ids, history[i]),
+                        eos_token_ids=eos,
+                    )
+                    for i, r in enumerate(drafting)
+                ],
+            )
+        else:
+            x = logits  # fresh from compute_logits: masked in place
+            mask_min_tokens(x, ((r.params, len(r.output_token_ids) + j, eos) for r in drafting))
+        sampled = [i for i in self.sampled if i < m]
+        if not sampled:
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens_s, probs = self._race(x, sampled, j)
+            self.prob_chunks.append((probs, sampled))
+            if len(sampled) == m:
+                tokens = tokens_s
+            else:
+                g = index_tensor([i for i in self.greedy if i < m], dev)
+                tokens = torch.empty(m, dtype=torch.long, device=dev)
+                tokens[g] = x[g].argmax(dim=-1)
+                tokens[index_tensor(sampled, dev)] = tokens_s
+        if self.history is not None:
+            for h, t in zip(self.history, tokens.tolist()):
+                h.append(t)
+        return tokens
+
+    def _race(
+        self, x: torch.Tensor, sampled: list[int], j: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [S] of the sampled rows and the distributions they were drawn from [S, V]."""
+        dev = x.device
+        p = self.p
+        sub = x if len(sampled) == x.shape[0] else x[index_tensor(sampled, dev)]
+        probs = Sampler.sampling_probs(sub, [self.rows[i] for i in sampled])  # [S, V]
+        unseeded = [n for n, i in enumerate(sampled) if self.rows[i].params.seed is None]
+        if len(unseeded) == len(sampled):
+            e = torch.empty_like(probs).exponential_(generator=p._gen)
+        else:
             e = torch.empty_like(probs)
-            unseeded = [n for n, j in enumerate(sampled) if rows[j].params.seed is None]
             if unseeded:
                 noise = torch.empty(len(unseeded), probs.shape[1], device=dev)
-                e[torch.tensor(unseeded, device=dev)] = noise.exponential_(generator=self._gen)
-            for n, j in enumerate(sampled):
-                seed = rows[j].params.seed
+                e[index_tensor(unseeded, dev)] = noise.exponential_(generator=p._gen)
+            for n, i in enumerate(sampled):
+                seed = self.rows[i].params.seed
                 if seed is not None:
-                    # The draft token at output position i of a seeded request: its own stream.
-                    self._row_gen.manual_seed(
-                        stream_seed(seed, len(rows[j].output_token_ids), DRAFT_STREAM)
-                    )
-                    e[n].exponential_(generator=self._row_gen)
-            e.clamp_(min=torch.finfo(e.dtype).tiny)
-            tokens[s_idx] = (probs / e).argmax(dim=-1)
-        return tokens.tolist(), probs, sampled
+                    # The draft token at output position o of a seeded request: its own stream.
+                    o = len(self.drafting[i].output_token_ids) + j
+                    p._row_gen.manual_seed(stream_seed(seed, o, DRAFT_STREAM))
+                    e[n].exponential_(generator=p._row_gen)
+        e.clamp_(min=torch.finfo(e.dtype).tiny)
+        return (probs / e).argmax(dim=-1), probs
+
+    def probs(
+        self, drafting: list[DraftRequest]
+    ) -> tuple[torch.Tensor | None, dict[str, list[int]]]:
+        """All sampled rows' distributions [rows, V] and each request's rows in it (draft
+        position order)."""
+        if not self.prob_chunks:
+            return None, {}
+        rows: dict[str, list[int]] = {}
+        o = 0
+        for probs, sampled in self.prob_chunks:
+            for n, i in enumerate(sampled):
+                rows.setdefault(drafting[i].request_id, []).append(o + n)
+            o += probs.shape[0]
+        chunks = [c for c, _ in self.prob_chunks]
+        return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]), rows
+

@@ -38,7 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rayfleet.replicas.sampler import MIN_TEMPERATURE, Sampler, SamplerRow, step_seed
+from rayfleet.replicas.sampler import (
+    MIN_TEMPERATURE,
+    Sampler,
+    SamplerRow,
+    reads_history,
+    step_seed,
+)
+from rayfleet.replicas.transfer import index_tensor as _index
 from rayfleet.sampling_params import SamplingParams
 
 ACCEPT_STREAM = 1
@@ -146,8 +153,12 @@ class RejectionSampler:
         if logits.dim() != 2 or logits.shape[0] != sum(k + 1 for k in ks):
             raise ValueError(f"logits must be [{sum(k + 1 for k in ks)}, V]; got {logits.shape}")
         device = logits.device
-        srows = target_sampler_rows(rows)
-        x = Sampler.apply_penalties(logits.float(), srows)  # [N, V]
+        srows: list[SamplerRow] | None = None
+        if any(_penalized(r) for r in rows):
+            srows = target_sampler_rows(rows)
+            x = Sampler.apply_penalties(logits.float(), srows)  # [N, V]
+        else:  # nothing reads the histories: the rows are the raw logits (only read below)
+            x = logits.float()  # [N, V]
         offsets = [0]
         for k in ks:
             offsets.append(offsets[-1] + k + 1)
@@ -156,8 +167,11 @@ class RejectionSampler:
 
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
         if greedy:
-            idx = [offsets[i] + j for i in greedy for j in range(ks[i] + 1)]
-            best = x[_index(idx, device)].argmax(dim=-1).tolist()
+            if len(greedy) == len(rows):
+                best = x.argmax(dim=-1).tolist()
+            else:
+                idx = [offsets[i] + j for i in greedy for j in range(ks[i] + 1)]
+                best = x[_index(idx, device)].argmax(dim=-1).tolist()
             pos = 0
             for i in greedy:
                 drafts = rows[i].draft_token_ids
@@ -182,7 +196,7 @@ class RejectionSampler:
         x: torch.Tensor,
         q: torch.Tensor,
         rows: Sequence[SpecRow],
-        srows: list[SamplerRow],
+        srows: list[SamplerRow] | None,
         ks: list[int],
         offsets: list[int],
         sampled: list[int],
@@ -191,7 +205,17 @@ class RejectionSampler:
     ) -> None:
         device = x.device
         t_idx = [offsets[i] + j for i in sampled for j in range(ks[i] + 1)]
-        p = Sampler.sampling_probs(x[_index(t_idx, device)], [srows[t] for t in t_idx])  # [P, V]
+        if srows is not None:
+            prows = [srows[t] for t in t_idx]
+        else:  # sampling reads only the params: one row per request, repeated
+            prows = [
+                row
+                for i in sampled
+                for row in [SamplerRow(rows[i].params, (), (), rows[i].eos_token_ids)]
+                * (ks[i] + 1)
+            ]
+        sub = x if len(t_idx) == x.shape[0] else x[_index(t_idx, device)]
+        p = Sampler.sampling_probs(sub, prows)  # [P, V]
         # Row of p for draft j of sampled request number s, and where each request starts in p/q.
         p_start, q_start = [], []
         p_of_draft = []
@@ -202,12 +226,10 @@ class RejectionSampler:
             p_of_draft.extend(range(pp, pp + ks[i]))
             pp += ks[i] + 1
             qq += ks[i]
-        drafts = torch.tensor(
-            [d for i in sampled for d in rows[i].draft_token_ids[: ks[i]]], dtype=torch.long
-        ).to(device)
+        drafts = _index([d for i in sampled for d in rows[i].draft_token_ids[: ks[i]]], device)
         p_d = p[_index(p_of_draft, device), drafts]  # [Q] p_j(d_{j+1})
         q_d = q.gather(1, drafts.unsqueeze(1)).squeeze(1)  # [Q] q_j(d_{j+1}) > 0: d was drawn
-        u = self._uniforms(rows, ks, sampled).to(device)  # [Q] U[0,1)
+        u = self._uniforms(rows, ks, sampled).to(device, non_blocking=True)  # [Q] U[0,1)
         # u < p/q without dividing; p >= q always accepts since u < 1.
         accept = (u * q_d < p_d).tolist()
 
@@ -225,7 +247,7 @@ class RejectionSampler:
         p_fin = p[_index(fin_p, device)]  # [S, V]
         q_fin = q[_index(fin_q, device)]
         # Bonus rows sample p_k itself: as if q were 0 there.
-        is_bonus = torch.tensor(bonus, dtype=torch.bool).to(device).unsqueeze(1)
+        is_bonus = torch.tensor(bonus, dtype=torch.bool).to(device, non_blocking=True).unsqueeze(1)
         q_fin = q_fin.masked_fill(is_bonus, 0.0)
         residual = (p_fin - q_fin).clamp_(min=0.0)  # unnormalized max(0, p - q)
         # In exact arithmetic a rejection implies some p(y) > q(y); guard against rounding.
@@ -279,5 +301,6 @@ class RejectionSampler:
         return e.clamp_(min=torch.finfo(e.dtype).tiny)
 
 
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def _penalized(row: SpecRow) -> bool:
+    """The row's transform reads its history: penalties, or min_tokens not yet reached."""
+    return reads_history(row.params) or len(row.output_token_ids) < row.params.min_tokens
