@@ -93,7 +93,9 @@ class LLMReplica:
         engine = build_engine(
             self._cfg.model, self._cfg.engine_kwargs(), model_shape=self._cfg.model_shape
         )
-        self._engine = AsyncEngine(engine)
+        self._engine = AsyncEngine(
+            engine, max_stream_messages_per_s=self._cfg.replica_stream_messages_per_s
+        )
         self._metrics = ReplicaMetrics(self._cfg.model_name, self.replica_id)
         # Totals since start; the stats task turns them into Prometheus counter increments.
         self._totals = {"prompt": 0, "generated": 0, "cached": 0, "aborts": 0}
