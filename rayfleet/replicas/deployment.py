@@ -1,9 +1,11 @@
 """LLMReplica: the Ray Serve deployment that owns one AsyncEngine.
 
-The ingress calls ``generate(job)`` through a streaming DeploymentHandle and gets one
-``StreamChunk`` per engine step for that request. Leaving the stream early (client cancelled or
-disconnected, Abort, ingress gone) cancels this generator, which leaves ``AsyncEngine.generate``
-and so aborts the request: its KV blocks are back in the pool before the next engine step.
+The ingress calls ``generate(job)`` through a streaming DeploymentHandle and gets ``StreamChunk``
+deltas for that request: the first token at once, then the tokens of one or more engine steps
+per chunk, paced to this replica's share of ``stream_messages_per_s`` (``AsyncEngine``). Leaving
+the stream early (client cancelled or disconnected, Abort, ingress gone) cancels this generator,
+which leaves ``AsyncEngine.generate`` and so aborts the request: its KV blocks are back in the
+pool before the next engine step.
 
 Every ``STATS_PERIOD_S`` a background task snapshots the engine (running/waiting, queued prefill
 tokens, KV usage, prefix-cache counters), sets the Prometheus gauges, and publishes the snapshot

@@ -633,10 +633,6 @@ class AsyncEngine:
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
         return cls(Engine(config))
 
-    @property
-    def num_streams(self) -> int:
-        return len(self._streams)
-
     def stream_interval_s(self) -> float:
         """The pacing interval now (0: a message per step)."""
         if self.max_stream_messages_per_s <= 0:
