@@ -7,7 +7,7 @@
 # Usage: bench/serve_gpu.sh [RATES] [NUM_REQUESTS]     (defaults: "2,4,8,16,inf" 200)
 # Env:   SHAPE (llama-3.2-1b) INPUT_LEN (512) OUTPUT_LEN (128) GRPC_PORT (50051)
 #        HTTP_PORT (8000) NUM_REPLICAS (1) GPUS_PER_REPLICA (1) MAX_NUM_SEQS (256)
-#        MAX_ONGOING (256) EXTRA_SERVE_ARGS ("")
+#        MAX_ONGOING (256) PYTHON (python3) EXTRA_SERVE_ARGS ("")
 set -euo pipefail
 
 RATES="${1:-2,4,8,16,inf}"
@@ -25,11 +25,13 @@ MAX_MODEL_LEN=$((INPUT_LEN + OUTPUT_LEN + 64))
 
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
+# `python -m rayfleet.cli` from the repository root: no install needed.
+RAYFLEET=("${PYTHON:-python3}" -m rayfleet.cli)
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 LOG="bench/results/serve-${SHAPE}-${STAMP}.server.log"
 
 # shellcheck disable=SC2086
-rayfleet serve --model-shape "$SHAPE" --device cuda \
+"${RAYFLEET[@]}" serve --model-shape "$SHAPE" --device cuda \
     --num-replicas "$NUM_REPLICAS" --num-gpus-per-replica "$GPUS_PER_REPLICA" \
     --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
     --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN" \
@@ -55,7 +57,7 @@ for _ in $(seq 1 600); do
 done
 grep "^rayfleet ready" "$LOG" || { echo "server not ready after 600 s"; tail -50 "$LOG"; exit 1; }
 
-rayfleet bench serve --target "127.0.0.1:${GRPC_PORT}" --rate "$RATES" \
+"${RAYFLEET[@]}" bench serve --target "127.0.0.1:${GRPC_PORT}" --rate "$RATES" \
     --num-requests "$NUM_REQUESTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
     --output-json "bench/results/serve-${SHAPE}-${INPUT_LEN}x${OUTPUT_LEN}-${STAMP}.json"
 
@@ -63,6 +65,6 @@ stop_server
 trap - EXIT
 
 # The same workload through the engine alone (no Ray, no gRPC): the serving overhead baseline.
-rayfleet bench offline --model-shape "$SHAPE" --device cuda \
+"${RAYFLEET[@]}" bench offline --model-shape "$SHAPE" --device cuda \
     --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN" \
     --num-requests "$NUM_REQUESTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"

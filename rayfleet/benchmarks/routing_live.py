@@ -196,6 +196,39 @@ async def run_one(
     }
 
 
+def saturated(res: dict[str, Any]) -> bool:
+    """Offered load beyond what the replicas served: all at once, or under 90% of the rate."""
+    rate = res["rate"]
+    return rate == "inf" or res["request_throughput"] < 0.9 * float(rate)
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rate: each mode's output tok/s, TTFT p90 and saturation, and prefix_precise against
+    round_robin (throughput ratio, TTFT p90 ratio) where both ran."""
+    rows = []
+    for rate in dict.fromkeys(r["rate"] for r in results):
+        by_mode = {r["mode"]: r for r in results if r["rate"] == rate}
+        row: dict[str, Any] = {
+            "rate": rate,
+            "modes": {
+                m: {
+                    "output_tok_s": r["output_tok_s"],
+                    "ttft_p90_s": r["ttft_s"].get("p90"),
+                    "saturated": saturated(r),
+                }
+                for m, r in by_mode.items()
+            },
+        }
+        pp, rr = by_mode.get("prefix_precise"), by_mode.get("round_robin")
+        if pp and rr and rr["output_tok_s"] and pp["ttft_s"].get("p90"):
+            row["precise_over_round_robin"] = {
+                "throughput": pp["output_tok_s"] / rr["output_tok_s"],
+                "ttft_p90_reduction": rr["ttft_s"].get("p90", 0.0) / pp["ttft_s"]["p90"],
+            }
+        rows.append(row)
+    return rows
+
+
 def _plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -303,9 +336,19 @@ def cmd_bench_routing(a: argparse.Namespace) -> int:
         "tenant), unbounded KV, timing ignored: an upper bound",
         "client": {"host": platform.node(), "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "summary": summarize(results),
         "results": results,
     }
     out.write_text(json.dumps(doc, indent=2))
+    for row in doc["summary"]:
+        vs = row.get("precise_over_round_robin")
+        if vs:
+            sat = ", ".join(m for m, v in row["modes"].items() if v["saturated"]) or "none"
+            print(
+                f"rate {row['rate']}: prefix_precise / round_robin throughput "
+                f"{vs['throughput']:.2f}x, TTFT p90 {vs['ttft_p90_reduction']:.1f}x lower "
+                f"(saturated: {sat})"
+            )
     print(f"wrote {out}")
     if not a.no_plot:
         plot = _plot(results, out.with_suffix(".png"))

@@ -23,6 +23,14 @@ from rayfleet.router.ingress import Ingress
 LLM_DEPLOYMENT = "LLMReplica"
 INGRESS_DEPLOYMENT = "Ingress"
 PREFIX_ROUTER_CLASS = "rayfleet.router.serve_router:PrefixAwareRequestRouter"
+# By default Serve runs a replica's user code, and each handle's router, on event loops of their
+# own threads: every streamed chunk then crosses threads (and the GIL) twice more per hop. Our
+# deployments never block their loop (the engine steps on its own thread; stats and GCS reads
+# go through asyncio.to_thread), so they run on Serve's main loop.
+SERVE_LOOP_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 
 
 def resolve_model(cfg: ServeConfig) -> ServeConfig:
@@ -48,6 +56,16 @@ def request_router_config(cfg: ServeConfig) -> RequestRouterConfig:
     return RequestRouterConfig(**opts)
 
 
+def _actor_options(num_cpus: float, num_gpus: float | None = None) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "runtime_env": {"env_vars": dict(SERVE_LOOP_ENV)},
+    }
+    if num_gpus is not None:
+        opts["num_gpus"] = num_gpus
+    return opts
+
+
 def llm_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     tp = cfg.tensor_parallel_size
     opts: dict[str, Any] = {
@@ -65,16 +83,14 @@ def llm_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         opts["autoscaling_config"] = cfg.replica_autoscaling()
     else:
         opts["num_replicas"] = cfg.replica_count()
+    # With TP > 1, rank 0 (the replica actor) holds one GPU and the other ranks get bundles.
+    opts["ray_actor_options"] = _actor_options(
+        cfg.num_cpus_per_replica, num_gpus=1 if tp > 1 else cfg.gpus_per_replica
+    )
     if tp > 1:
         rank0 = {"CPU": cfg.num_cpus_per_replica, "GPU": 1}
-        opts["ray_actor_options"] = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": 1}
         opts["placement_group_bundles"] = [rank0] + [{"CPU": 0.1, "GPU": 1}] * (tp - 1)
         opts["placement_group_strategy"] = "STRICT_PACK"
-    else:
-        opts["ray_actor_options"] = {
-            "num_cpus": cfg.num_cpus_per_replica,
-            "num_gpus": cfg.gpus_per_replica,
-        }
     return opts
 
 
@@ -86,7 +102,7 @@ def ingress_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         "max_ongoing_requests": cfg.ingress_max_ongoing_requests,
         "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": 1.0,
-        "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus},
+        "ray_actor_options": _actor_options(cfg.ingress_num_cpus),
     }
 
 

@@ -42,6 +42,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ongoing-requests", type=int, help="per LLM replica")
     p.add_argument("--max-queued-requests", type=int, help="per caller; -1 = unbounded")
     p.add_argument("--drain-timeout", type=float, dest="drain_timeout_s")
+    p.add_argument(
+        "--stream-messages-per-s",
+        type=float,
+        help="stream messages per second one ingress forwards at most (tokens in between are "
+        "merged; 0 = one per engine step; default 1000)",
+    )
     p.add_argument("--metrics-export-port", type=int, help="Ray metrics port (local head)")
     p.add_argument(
         "--routing",
@@ -94,6 +100,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         "max_ongoing_requests": a.max_ongoing_requests,
         "max_queued_requests": a.max_queued_requests,
         "drain_timeout_s": a.drain_timeout_s,
+        "stream_messages_per_s": a.stream_messages_per_s,
         "metrics_export_port": a.metrics_export_port,
         "routing": a.routing,
     }

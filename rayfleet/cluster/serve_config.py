@@ -143,6 +143,12 @@ class ServeConfig:
     # How often Serve collects each replica's routing stats (load + KV events): the delay before
     # a router sees a replica's evictions is about this plus ~0.1 s.
     routing_stats_period_s: float = 0.5
+    # Streaming pace: one ingress replica forwards at most about this many stream messages per
+    # second, all requests together (each costs a Serve hop and a gRPC message, ~0.5 ms of CPU
+    # in each process). LLM replicas pace their streams to their share of it; tokens generated
+    # meanwhile are merged into the next message and the first token is never delayed.
+    # 0 = a message per engine step.
+    stream_messages_per_s: float = 1000.0
     drain_timeout_s: float = 30.0  # in-flight requests get this long to finish on shutdown
     request_timeout_s: float | None = None
     app_name: str = "rayfleet"
@@ -221,6 +227,10 @@ class ServeConfig:
         for name in ("routing_stats_period_s", "drain_timeout_s"):
             v = getattr(self, name)
             _check(_is_number(v) and v > 0, f"{name} must be > 0; got {v!r}")
+        _check(
+            _is_number(self.stream_messages_per_s) and self.stream_messages_per_s >= 0,
+            f"stream_messages_per_s must be >= 0; got {self.stream_messages_per_s!r}",
+        )
         if self.request_timeout_s is not None:
             v = self.request_timeout_s
             _check(_is_number(v) and v > 0, f"request_timeout_s must be > 0; got {v!r}")
@@ -236,6 +246,13 @@ class ServeConfig:
         if self.num_gpus_per_replica is not None:
             return float(self.num_gpus_per_replica)
         return float(self.tensor_parallel_size) if self.device == "cuda" else 0.0
+
+    @property
+    def replica_stream_messages_per_s(self) -> float:
+        """One LLM replica's share of the ingress replicas' stream message budget (0: unpaced).
+        Autoscaled deployments assume their maximum size."""
+        n = self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+        return self.stream_messages_per_s * self.ingress_num_replicas / (n or 1)
 
     @property
     def model_name(self) -> str:

@@ -1,9 +1,11 @@
 """LLMReplica: the Ray Serve deployment that owns one AsyncEngine.
 
-The ingress calls ``generate(job)`` through a streaming DeploymentHandle and gets one
-``StreamChunk`` per engine step for that request. Leaving the stream early (client cancelled or
-disconnected, Abort, ingress gone) cancels this generator, which leaves ``AsyncEngine.generate``
-and so aborts the request: its KV blocks are back in the pool before the next engine step.
+The ingress calls ``generate(job)`` through a streaming DeploymentHandle and gets ``StreamChunk``
+deltas for that request: the first token at once, then the tokens of one or more engine steps
+per chunk, paced to this replica's share of ``stream_messages_per_s`` (``AsyncEngine``). Leaving
+the stream early (client cancelled or disconnected, Abort, ingress gone) cancels this generator,
+which leaves ``AsyncEngine.generate`` and so aborts the request: its KV blocks are back in the
+pool before the next engine step.
 
 Every ``STATS_PERIOD_S`` a background task snapshots the engine (running/waiting, queued prefill
 tokens, KV usage, prefix-cache counters), sets the Prometheus gauges, and publishes the snapshot
@@ -93,7 +95,9 @@ class LLMReplica:
         engine = build_engine(
             self._cfg.model, self._cfg.engine_kwargs(), model_shape=self._cfg.model_shape
         )
-        self._engine = AsyncEngine(engine)
+        self._engine = AsyncEngine(
+            engine, max_stream_messages_per_s=self._cfg.replica_stream_messages_per_s
+        )
         self._metrics = ReplicaMetrics(self._cfg.model_name, self.replica_id)
         # Totals since start; the stats task turns them into Prometheus counter increments.
         self._totals = {"prompt": 0, "generated": 0, "cached": 0, "aborts": 0}

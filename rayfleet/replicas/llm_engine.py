@@ -22,6 +22,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,8 +549,12 @@ class Engine:
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """``later`` carrying the deltas of both (cumulative fields are already ``later``'s)."""
-    later.new_token_ids = earlier.new_token_ids + later.new_token_ids
+    """``later`` carrying the deltas of both (cumulative fields are already ``later``'s).
+
+    Extends ``earlier``'s delta list in place (each output owns its ``new_token_ids``), so
+    merging k queued outputs costs O(their new tokens), not O(k^2)."""
+    earlier.new_token_ids.extend(later.new_token_ids)
+    later.new_token_ids = earlier.new_token_ids
     later.new_text = earlier.new_text + later.new_text
     return later
 
@@ -558,21 +563,121 @@ class EngineDeadError(RuntimeError):
     """The engine's step failed; every request in flight was failed with this error."""
 
 
+_Item = RequestOutput | BaseException  # what a stream receives: an output, or the error ending it
+
+# A stream paced by ``max_stream_messages_per_s`` still hears from the engine at least this often.
+MAX_STREAM_INTERVAL_S = 0.5
+
+
+class _Stream:
+    """One request's mailbox on its consumer's event loop: at most one pending output (later
+    steps are merged into it) and the error that ends the stream, if any.
+
+    Written only on the consumer's loop (the engine thread hands batches over with one
+    ``call_soon_threadsafe`` per loop and step). ``not_before`` is when the consumer wants the
+    next non-final output at the earliest; a final output or an error wakes it at once.
+    """
+
+    __slots__ = ("request_id", "loop", "pending", "error", "waiter", "not_before")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.pending: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+        self.not_before = 0.0
+
+    def put(self, item: _Item) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        elif self.pending is None:
+            self.pending = item
+        else:
+            self.pending = merge_outputs(self.pending, item)
+        w = self.waiter
+        if w is None or w.done():
+            return
+        if self.error is not None or self.pending.finished or time.monotonic() >= self.not_before:
+            w.set_result(None)
+
+    async def next(self) -> _Item:
+        """The merged output once it is due (or final), else the error that ended the stream."""
+        while True:
+            out = self.pending
+            if out is not None and (
+                self.error is not None or out.finished or time.monotonic() >= self.not_before
+            ):
+                self.pending = None
+                return out
+            if out is None and self.error is not None:
+                return self.error
+            self.waiter = fut = self.loop.create_future()
+            timer = None
+            if out is not None:  # due later: wake at not_before unless something final comes
+                timer = self.loop.call_later(self.not_before - time.monotonic(), _resolve, fut)
+            try:
+                await fut
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _put_all(batch: list[tuple[_Stream, _Item]]) -> None:
+    for stream, item in batch:
+        stream.put(item)
+
+
+@dataclass
+class _Admission:
+    """A generate() call waiting for the engine thread to add its request between two steps."""
+
+    stream: _Stream
+    prompt: str | Sequence[int]
+    params: SamplingParams | None
+    tenant: str | None
+
+
 class AsyncEngine:
     """Streams RequestOutputs from an Engine stepped on a background thread.
 
     ``generate()`` is an async iterator of incremental outputs. Leaving it early (client gone,
     task cancelled) aborts the request, which frees its KV blocks before the next step. If a step
     raises, every request in flight gets the error and the engine refuses new work.
+
+    The caller's event loop never waits for a step: new requests and aborts go into an inbox
+    (its own small lock) that the engine thread empties between steps; a request the engine
+    rejects (ValueError: bad prompt, duplicate id) raises from ``generate()`` before any output.
+
+    Per step the engine thread wakes each consumer event loop once, whatever the number of
+    streams on it. A consumer that fell behind gets one merged output, not one per step. With
+    ``max_stream_messages_per_s`` > 0 every stream is also paced: after its first output (never
+    delayed) it yields at most once per ``num_streams / max_stream_messages_per_s`` seconds
+    (capped at ``MAX_STREAM_INTERVAL_S``; a final output is never held back), so the messages all
+    streams send downstream stay near that rate however fast the engine steps.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, max_stream_messages_per_s: float = 0.0) -> None:
+        if max_stream_messages_per_s < 0:
+            raise ValueError(
+                f"max_stream_messages_per_s must be >= 0; got {max_stream_messages_per_s}"
+            )
         self.engine = engine
-        self._lock = threading.Lock()
+        self.max_stream_messages_per_s = max_stream_messages_per_s
+        self._lock = threading.Lock()  # held by the engine thread for a whole step
         self._wakeup = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}  # admitted requests; engine thread, under _lock
+        # The inbox: consumers append, the engine thread takes both lists between steps.
+        self._inbox_lock = threading.Lock()
+        self._pending_adds: list[_Admission] = []
         self._pending_aborts: list[str] = []
-        self._dead: BaseException | None = None
+        self._dead: BaseException | None = None  # set under _inbox_lock
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="rayfleet-engine", daemon=True)
         self._thread.start()
@@ -580,6 +685,12 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
         return cls(Engine(config))
+
+    def stream_interval_s(self) -> float:
+        """The pacing interval now (0: a message per step)."""
+        if self.max_stream_messages_per_s <= 0:
+            return 0.0
+        return min(len(self._streams) / self.max_stream_messages_per_s, MAX_STREAM_INTERVAL_S)
 
     async def generate(
         self,
@@ -589,41 +700,33 @@ class AsyncEngine:
         request_id: str | None = None,
         tenant: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:  # the loop sets _dead under this lock: no request can slip in after
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        stream = _Stream(rid, asyncio.get_running_loop())
+        with self._inbox_lock:  # the engine sets _dead under this lock: nothing slips in after
             if self._dead is not None:
                 raise EngineDeadError(f"engine is not running: {self._dead!r}")
-            rid = self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant)
-            self._queues[rid] = (loop, queue)
+            self._pending_adds.append(_Admission(stream, prompt, params, tenant))
         self._wakeup.set()
         finished = False
-        pending: RequestOutput | BaseException | None = None
         try:
             while True:
-                item = pending if pending is not None else await queue.get()
-                pending = None
+                item = await stream.next()
                 if isinstance(item, BaseException):
-                    finished = True
+                    finished = True  # failed or rejected: nothing of it left in the engine
                     raise item
-                # A consumer that fell behind gets one merged output, not one per step: under
-                # load this is what keeps per-message costs (Serve streaming) off the token rate.
-                while not item.finished and not queue.empty():
-                    nxt = queue.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        pending = nxt
-                        break
-                    item = merge_outputs(item, nxt)
                 yield item
                 if item.finished:
                     finished = True
                     return
+                interval = self.stream_interval_s()
+                if interval > 0:
+                    stream.not_before = time.monotonic() + interval
         finally:
             if not finished:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
+        with self._inbox_lock:
             self._pending_aborts.append(request_id)
         self._wakeup.set()
 
@@ -638,21 +741,44 @@ class AsyncEngine:
         with self._lock:
             return fn(self.engine)
 
-    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
-        """Hand ``item`` to ``rid``'s consumer. Called with ``_lock`` held, in the same locked
-        section as the step that produced it, so a finished id's queue is gone before anyone can
-        reuse the id."""
-        target = self._queues.get(rid)
-        if target is None:
-            return
-        loop, queue = target
-        if isinstance(item, BaseException) or item.finished:
-            self._queues.pop(rid, None)
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody will read this
-            self._queues.pop(rid, None)
-            self._pending_aborts.append(rid)
+    def _deliver(self, items: list[tuple[_Stream, _Item]]) -> None:
+        """Hand each item to its stream, one wake-up per consumer event loop. Called with
+        ``_lock`` held, in the same locked section as the step that produced the items, so a
+        finished id's stream is gone before anyone can reuse the id."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
+        for stream, item in items:
+            ends = isinstance(item, BaseException) or item.finished
+            if ends and self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+            batches.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read these
+                for stream, _ in batch:
+                    if self._streams.pop(stream.request_id, None) is not None:
+                        with self._inbox_lock:
+                            self._pending_aborts.append(stream.request_id)
+
+    def _deliver_outputs(self, outputs: list[RequestOutput]) -> None:
+        self._deliver(
+            [(self._streams[o.request_id], o) for o in outputs if o.request_id in self._streams]
+        )
+
+    def _admit(self, adds: list[_Admission]) -> None:
+        """Add the inbox's requests to the engine (under ``_lock``); rejections go to their
+        streams."""
+        rejected: list[tuple[_Stream, _Item]] = []
+        for a in adds:
+            rid = a.stream.request_id
+            try:
+                self.engine.add_request(a.prompt, a.params, request_id=rid, tenant=a.tenant)
+            except (ValueError, TypeError) as e:
+                rejected.append((a.stream, e))
+            else:
+                self._streams[rid] = a.stream
+        if rejected:
+            self._deliver(rejected)
 
     def _loop(self) -> None:
         """Run the engine; whatever ends it (a fault, shutdown) fails every waiting consumer with
@@ -663,32 +789,36 @@ class AsyncEngine:
         except BaseException as e:  # an engine fault fails the affected requests
             logger.exception("engine loop failed")
             reason = e
-        with self._lock:
+        with self._inbox_lock:
             self._dead = reason
-            err = EngineDeadError(f"engine step failed: {reason!r}")
-            for rid in list(self._queues):
+            adds, self._pending_adds = self._pending_adds, []
+        err = EngineDeadError(f"engine step failed: {reason!r}")
+        with self._lock:
+            for rid in list(self._streams):
                 try:
                     self.engine.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
                 except Exception:  # the scheduler itself may be what failed
                     logger.exception("could not free request %s", rid)
-                self._deliver(rid, err)
+            self._deliver([(s, err) for s in list(self._streams.values())])
+            self._deliver([(a.stream, err) for a in adds])
 
     def _run(self) -> None:
         while not self._stopped:
-            with self._lock:
+            with self._inbox_lock:
+                adds, self._pending_adds = self._pending_adds, []
                 aborts, self._pending_aborts = self._pending_aborts, []
-                for rid in aborts:
-                    out = self.engine.abort(rid)
-                    if out is not None:
-                        self._deliver(rid, out)
+            with self._lock:
+                # Adds first: an abort always follows its own request's admission.
+                self._admit(adds)
+                outs = [self.engine.abort(rid) for rid in aborts]
+                self._deliver_outputs([o for o in outs if o is not None])
                 busy = self.engine.has_unfinished()
             if not busy:
                 self._wakeup.wait(0.1)
                 self._wakeup.clear()
                 continue
             with self._lock:
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_outputs(self.engine.step())
 
     def shutdown(self) -> None:
         self._stopped = True

@@ -251,6 +251,94 @@ def test_slow_consumer_gets_merged_outputs(model_dir: Path) -> None:
         aeng.shutdown()
 
 
+def test_paced_stream_merges_steps_but_not_the_first_token(model_dir: Path) -> None:
+    engine = Engine(EngineConfig.from_kwargs(str(model_dir), dtype="float32", show_progress=False))
+    step = engine.step
+
+    def slow_step():  # a known step time, so the pacing interval spans several steps
+        time.sleep(0.01)
+        return step()
+
+    engine.step = slow_step
+    # One stream at 5 messages/s: after the first output, at most one output per 0.2 s.
+    aeng = AsyncEngine(engine, max_stream_messages_per_s=5.0)
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        t0 = time.monotonic()
+        chunks, times = [], []
+        async for o in aeng.generate([5, 6, 7], params):
+            chunks.append(o)
+            times.append(time.monotonic() - t0)
+        assert times[0] < 0.15  # the first token is never held back
+        assert len(chunks[0].new_token_ids) == 1
+        assert 2 <= len(chunks) <= 5  # ~0.4 s of steps in 0.2 s messages, final one at once
+        assert sum((c.new_token_ids for c in chunks), []) == chunks[-1].token_ids
+        assert "".join(c.new_text for c in chunks) == chunks[-1].text
+        assert chunks[-1].finished and len(chunks[-1].token_ids) == 40
+        gaps = [b - a for a, b in zip(times, times[1:-1])]
+        assert all(g > 0.15 for g in gaps)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout=30))
+    finally:
+        aeng.shutdown()
+
+
+def test_admission_never_waits_for_a_step_and_rejections_raise(model_dir: Path) -> None:
+    """A step holds the engine lock; adding or aborting a request meanwhile must not block the
+    caller's event loop (other streams are served from it). Bad requests still raise
+    ValueError from generate() before any output."""
+    engine = Engine(EngineConfig.from_kwargs(str(model_dir), dtype="float32", show_progress=False))
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.3)
+        return step()
+
+    engine.step = slow_step
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        long = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+        first = aeng.generate(list(range(1, 20)), long, request_id="a")
+        await first.__anext__()  # the engine is now stepping, 0.3 s per step
+        gaps: list[float] = []
+
+        async def ticker():
+            last = time.monotonic()
+            for _ in range(40):
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        with pytest.raises(ValueError, match="already in use"):
+            async for _ in aeng.generate([1, 2, 3], SamplingParams(max_tokens=2), request_id="a"):
+                pass
+        with pytest.raises(ValueError, match="at least one token"):
+            async for _ in aeng.generate([], SamplingParams(max_tokens=2)):
+                pass
+        second = aeng.generate([4, 5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+        out = await second.__anext__()
+        assert out.new_token_ids
+        await second.aclose()
+        await first.aclose()
+        await tick
+        assert max(gaps) < 0.15, gaps
+        for _ in range(100):
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.05)
+        assert not engine.has_unfinished()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout=30))
+    finally:
+        aeng.shutdown()
+
+
 def test_consumer_loop_closed_mid_stream_does_not_kill_the_engine(model_dir: Path) -> None:
     """A caller whose event loop is gone (its asyncio.run() ended while its request still ran)
     must not take the engine thread down with it: later requests are served."""

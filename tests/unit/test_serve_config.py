@@ -70,6 +70,7 @@ def test_yaml_roundtrip(tmp_path: Path) -> None:
         ({"routing": "prefix"}, "routing must be one of default, round_robin"),
         ({"grpc_port": 70000}, "grpc_port must be in"),
         ({"model": "a", "model_shape": "llama-3.2-1b"}, "not both"),
+        ({"stream_messages_per_s": -1}, "stream_messages_per_s must be >= 0"),
     ],
 )
 def test_invalid_configs_name_the_key(data: dict, needle: str) -> None:
@@ -83,6 +84,15 @@ def test_gpu_resources() -> None:
     assert ServeConfig(device="cuda", num_gpus_per_replica=0.25).gpus_per_replica == 0.25
     tp2 = ServeConfig(device="cuda", engine={"tensor_parallel_size": 2})
     assert tp2.gpus_per_replica == 2.0
+
+
+def test_stream_pace_is_shared_by_the_llm_replicas() -> None:
+    assert ServeConfig().replica_stream_messages_per_s == 1000.0
+    four = ServeConfig(num_replicas=4, stream_messages_per_s=800, ingress_num_replicas=2)
+    assert four.replica_stream_messages_per_s == 400.0
+    scaled = ServeConfig(autoscaling=AutoscalingSpec(min_replicas=1, max_replicas=5))
+    assert scaled.replica_stream_messages_per_s == 200.0  # sized for the largest deployment
+    assert ServeConfig(stream_messages_per_s=0).replica_stream_messages_per_s == 0.0
 
 
 def test_autoscale_flag() -> None:
@@ -115,7 +125,10 @@ def test_cli_flags_override_the_file(tmp_path: Path) -> None:
     assert cfg.grpc_port == 6000 and cfg.http_port == 8001
     assert cfg.engine["max_num_seqs"] == 16 and cfg.engine["enable_prefix_caching"] is False
     assert cfg.model is None and cfg.model_shape == "llama-3.2-1b"
-    fixed = config_from_args(_cli_args("--config", str(path), "--num-replicas", "3"))
+    fixed = config_from_args(
+        _cli_args("--config", str(path), "--num-replicas", "3", "--stream-messages-per-s", "0")
+    )
+    assert fixed.stream_messages_per_s == 0
     assert fixed.autoscaling is None and fixed.replica_count() == 3
 
 
