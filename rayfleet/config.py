@@ -128,8 +128,9 @@ class EngineConfig:
     # CUDA graphs for decode steps up to this batch size (0 = eager only).
     cuda_graph_max_batch_size: int = 256
     # Overlapped scheduling: schedule and prepare step N+1 (and detokenize step N) while the GPU
-    # runs step N. None = on for CUDA without a draft model; True forces it (also on CPU, where
-    # it only reorders work: tests use that), False turns it off.
+    # runs step N (with a draft model: the steps where speculation is paused). None = on for
+    # CUDA; True forces it (also on CPU, where it only reorders work: tests use that), False
+    # turns it off.
     overlap_scheduling: bool | None = None
     show_progress: bool = True
 

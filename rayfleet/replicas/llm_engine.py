@@ -3,7 +3,7 @@ add_request / step / abort, and AsyncEngine for streaming.
 
 step():  schedule() -> runner.execute() -> scheduler.update() -> detokenize, stop strings
 
-Overlapped (``overlap_scheduling``, default on CUDA without a draft model), one step in flight:
+Overlapped (``overlap_scheduling``, default on CUDA), one step in flight:
 
     schedule(N+1) -> runner.launch(N+1) -> runner.resolve(N) -> update(N) -> detokenize(N)
 
@@ -12,7 +12,10 @@ before step N's tokens are known: a request sampling in N holds one pending toke
 (Request.num_pending_tokens) that N+1 computes from the device-side copy. A request that N
 finishes (EOS, stop string, abort) has computed one token too many in N+1; that token is dropped.
 Requests whose sampling reads their generated ids (penalties, logprobs) switch the engine to
-synchronous steps while they run.
+synchronous steps while they run. With a draft model, steps overlap only while the speculation
+policy has speculation paused (SpecPolicy.speculation_paused: its last plan drafted nothing and it
+would not probe next); otherwise the step in flight is drained and steps are synchronous, planning
+and drafting after each.
 """
 
 from __future__ import annotations
@@ -226,10 +229,6 @@ class Engine:
         overlap = config.overlap_scheduling
         if overlap is None:
             overlap = self.device.type == "cuda"
-        if overlap and proposer is not None:
-            if config.overlap_scheduling:
-                raise ValueError("overlap_scheduling does not combine with a draft model")
-            overlap = False
         self.overlap = overlap
         # The step in flight (overlap): its scheduler output and launched runner step.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
@@ -430,7 +429,7 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.overlap and not self._history_readers:
+        if self.overlap and not self._history_readers and self._speculation_paused():
             return self._step_overlapped()
         if self._inflight is not None:  # leaving overlap: deliver the step in flight first
             sched, pending = self._inflight
@@ -438,6 +437,19 @@ class Engine:
             return self._process(sched, self.runner.resolve(pending))
         sched: SchedulerOutput = self.scheduler.schedule()
         return self._process(sched, self.runner.execute(sched))
+
+    def _speculation_paused(self) -> bool:
+        """Without a draft model, always. With one, while the policy plans no drafts and no
+        request still holds drafts: a step that plans or verifies drafts runs synchronously
+        (planning needs the previous step's tokens on the host)."""
+        policy = self.runner.spec_policy
+        if self.runner.proposer is None or policy is None:
+            return True
+        sched = self.scheduler
+        num_requests = min(len(sched.running) + len(sched.waiting), sched.max_num_seqs)
+        return policy.speculation_paused(num_requests) and not any(
+            req.spec_token_ids for req in sched.running
+        )
 
     def _step_overlapped(self) -> list[RequestOutput]:
         """Launch the next step, then finish the one in flight (see the module docstring)."""

@@ -441,18 +441,28 @@ class ModelRunner:
 
     # ---- overlapped scheduling -----------------------------------------------------------------
     # launch(N+1) runs before resolve(N): the engine schedules and prepares step N+1 while the
-    # device still runs step N. Only without a draft model, and only for requests whose sampling
-    # does not read their generated ids (see sampler.needs_host_history): a request's newest
-    # token can still be on the device when its next step is prepared.
+    # device still runs step N. Only for requests whose sampling does not read their generated
+    # ids (see sampler.needs_host_history): a request's newest token can still be on the device
+    # when its next step is prepared. With a draft model, only for steps without drafts while the
+    # policy has speculation paused: the draft does not run, so its KV falls behind the target's
+    # (draft_num_computed stays put; the first proposal after the pause catches up from there)
+    # and the blocks the target writes are flagged not draft-valid. Planning and drafting happen
+    # only in synchronous steps, which the engine runs after draining the step in flight.
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingStep | None:
         """Queue the step's device work; its sampled tokens stay on the device (they feed the
         next step) and are copied to the host asynchronously. None when nothing runs."""
-        assert self.proposer is None, "overlapped scheduling runs without a draft model"
         inp = self._prepare(sched)
         if inp is None:
             return None
+        if self.proposer is not None:
+            assert self.spec_policy is not None
+            assert not any(inp.num_spec), "an overlapped step verifies no drafts"
+            for rid, n in sched.num_scheduled_tokens.items():
+                start = inp.starts[rid]
+                self._refresh_draft_flags(self.requests[rid], start, start + n)
+            self.spec_policy.skip_plan()
         logits = self._forward(inp)
         if logits is None:
             return None

@@ -133,9 +133,9 @@ def test_abort_during_overlap_frees_blocks_at_once(model_dir: Path) -> None:
     eng.scheduler.check_integrity()
 
 
-def test_overlap_refuses_a_draft_model(model_dir: Path) -> None:
-    with pytest.raises(ValueError, match="overlap_scheduling does not combine with a draft"):
-        _engine(model_dir, overlap=True, draft_model=str(model_dir), num_speculative_tokens=2)
+def test_overlap_accepts_a_draft_model(model_dir: Path) -> None:
+    eng = _engine(model_dir, overlap=True, draft_model=str(model_dir), num_speculative_tokens=2)
+    assert eng.overlap and eng.runner.proposer is not None
 
 
 def test_overlapped_decode_steps_compute_one_token_per_request(model_dir: Path) -> None:

@@ -214,6 +214,86 @@ def test_policy_probes_after_off_streaks_that_double() -> None:
     assert policy.stats.probes == 4
 
 
+def hopeless_policy(**kw) -> AdaptiveSpecPolicy:
+    """Measured costs that keep speculation off (an unlucky draft measurement)."""
+    policy = AdaptiveSpecPolicy(4, **kw)
+    for n, t in ((1, 0.010), (1, 0.010), (2, 0.010), (2, 0.010)):
+        policy.observe_target(n, t)
+    for _ in range(2):
+        policy.observe_draft(1, 1.0)
+    return policy
+
+
+def test_paused_only_after_an_off_plan_for_a_batch_of_that_size() -> None:
+    policy = hopeless_policy()
+    assert not policy.speculation_paused(1)  # no plan yet
+    assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}
+    assert policy.speculation_paused(1)
+    assert not policy.speculation_paused(2)  # another half-octave bucket: plan again
+    # A plan that drafts ends the pause.
+    on = AdaptiveSpecPolicy(4)
+    on.observe_target(1, 0.010)
+    on.observe_target(1, 0.010)
+    on.observe_draft(1, 0.001)
+    assert on.plan([("a", 4)], num_requests=1, base_tokens=1)["a"] > 0
+    assert not on.speculation_paused(1)
+
+
+def test_paused_steps_replan_every_interval() -> None:
+    policy = hopeless_policy(pause_replan_interval=4)
+    policy.plan([("a", 4)], num_requests=1, base_tokens=1)
+    paused = []
+    for _ in range(10):
+        if policy.speculation_paused(1):
+            policy.skip_plan()
+            paused.append(True)
+        else:
+            assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}
+            paused.append(False)
+    assert paused == [True] * 4 + [False] + [True] * 4 + [False]
+    assert policy.stats.skipped == 8 and policy.stats.plans == 3
+
+
+def test_skipped_plans_keep_the_probe_schedule() -> None:
+    """Steps paused (no plan) count as speculation-off plans: the probes come at the same steps
+    as with a plan every step (test_policy_probes_after_off_streaks_that_double), and the step
+    before each probe is not paused."""
+    policy = hopeless_policy(probe_interval=3, max_probe_interval=8)
+    cands = [("a", 4)]
+    decisions = []
+    for _ in range(26):
+        if policy.speculation_paused(1):
+            policy.skip_plan()
+            decisions.append(None)
+        else:
+            decisions.append(policy.plan(cands, num_requests=1, base_tokens=1)["a"])
+    probes = [i for i, k in enumerate(decisions) if k]
+    assert probes == [2, 8, 16, 24] and all(decisions[i] == 2 for i in probes)
+    assert policy.stats.probes == 4 and policy.stats.skipped > 10
+    # Planned: the first step, each probe and the off plan after it (it ends the probe's
+    # speculating step); paused: everything else.
+    planned = [i for i, k in enumerate(decisions) if k is not None]
+    assert planned == [0, 2, 3, 8, 9, 16, 17, 24, 25]
+
+
+def test_a_due_exploration_is_planned_after_paused_steps() -> None:
+    """Paused steps advance the plan count that drives refreshes of T(n_base): the refresh comes
+    due while paused and the next plan (after pause_replan_interval) takes it."""
+    policy = AdaptiveSpecPolicy(4, refresh_interval=5, pause_replan_interval=8)
+    assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}  # measures T(1)
+    explores = policy.stats.explores_off
+    assert explores == 1
+    for _ in range(2):
+        policy.observe_target(1, 0.010)
+    for _ in range(8):
+        assert policy.speculation_paused(1)
+        policy.skip_plan()
+    assert not policy.speculation_paused(1)
+    policy.plan([("a", 4)], num_requests=1, base_tokens=1)
+    assert policy.stats.explores_off == explores + 1
+    assert policy.speculation_paused(1)
+
+
 # ---- closed loop: the policy against a synthetic engine ------------------------------------------
 def h100_like_target(n: float) -> float:
     """An 8B-like target step: 8 ms memory-bound floor, 40 us per token past 128 tokens."""

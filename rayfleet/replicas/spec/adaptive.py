@@ -37,6 +37,15 @@ draft's catch-up prefill stays small). After ``probe_interval`` consecutive plan
 speculation off, one step speculates likewise for a few requests (the UNMEASURED_THRESHOLD plan),
 so stale measurements cannot keep it off for good; each probe that does not turn speculation
 back on doubles the interval (up to ``max_probe_interval``).
+
+Pausing. Planning needs the previous step's sampled tokens, so an engine that overlaps scheduling
+with the device (one step in flight) can only plan on synchronous steps. ``speculation_paused``
+says, before a step is scheduled, whether it may skip planning and run overlapped: the last plan
+drafted nothing for a batch of about this size (same half-octave bucket), it was made fewer than
+``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
+moved: re-plan now and then), and the next plan would not be a probe. Each skipped plan
+(``skip_plan``) counts as a speculation-off plan for the probe and exploration schedules, so
+probes and refreshes come due as they would with a plan every step.
 """
 
 from __future__ import annotations
@@ -290,6 +299,14 @@ class SpecPolicy(Protocol):
 
     def forget(self, request_id: str) -> None: ...
 
+    def speculation_paused(self, num_requests: int) -> bool:
+        """The next step (about ``num_requests`` requests) may skip planning: no drafts."""
+        ...
+
+    def skip_plan(self) -> None:
+        """A step ran without planning (``speculation_paused`` said so)."""
+        ...
+
 
 class FixedSpecPolicy:
     """Always ``k`` drafts (per request via ``per_request``, default ``k``), capped. For tests and
@@ -321,6 +338,12 @@ class FixedSpecPolicy:
     def forget(self, request_id: str) -> None:
         pass
 
+    def speculation_paused(self, num_requests: int) -> bool:
+        return self.k == 0 and not any(self.per_request.values())
+
+    def skip_plan(self) -> None:
+        pass
+
 
 @dataclass
 class PolicyStats:
@@ -332,6 +355,7 @@ class PolicyStats:
     explores_on: int = 0  # plans cut to a few requests: T(n_verify) not measured that high
     probes: int = 0  # speculating steps (a few requests) forced after an off streak
     drafts: int = 0  # drafts planned in total
+    skipped: int = 0  # steps run without a plan while speculation was paused
 
 
 class AdaptiveSpecPolicy:
@@ -349,6 +373,7 @@ class AdaptiveSpecPolicy:
         probe_interval: int = 128,
         max_probe_interval: int = 4096,
         explore_requests: int = 4,
+        pause_replan_interval: int = 32,
     ) -> None:
         self.max_k = max_k
         self.tracker = tracker or AcceptanceTracker()
@@ -361,10 +386,15 @@ class AdaptiveSpecPolicy:
         self.probe_interval = probe_interval
         self.max_probe_interval = max_probe_interval
         self.explore_requests = explore_requests
+        self.pause_replan_interval = pause_replan_interval
         self._probe_every = probe_interval
         self._off_streak = 0
         self._num_plans = 0
         self._explored_at: dict[int, int] = {}  # base-tokens bucket -> plan number
+        # Batch bucket of the last plan if it drafted nothing (None: it drafted, or no plan yet),
+        # and the plans skipped since it.
+        self._paused_bucket: int | None = None
+        self._skipped = 0
         self.last_plan: Plan | None = None
         self.stats = PolicyStats()
 
@@ -377,6 +407,8 @@ class AdaptiveSpecPolicy:
         max_padded_k: int = 0,
     ) -> dict[str, int]:
         self._num_plans += 1
+        self._skipped = 0
+        self._paused_bucket = None
         if not candidates:
             return {}
         self.stats.plans += 1
@@ -385,6 +417,7 @@ class AdaptiveSpecPolicy:
             self._explored_at[_bucket(base_tokens)] = self._num_plans
             self.last_plan = None
             self.stats.explores_off += 1
+            self._paused_bucket = _bucket(num_requests)
             return {rid: 0 for rid, _ in candidates}
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
@@ -429,10 +462,27 @@ class AdaptiveSpecPolicy:
         if step_on:
             self.stats.speculating += 1
             self.stats.drafts += sum(plan.num_spec)
+        else:
+            self._paused_bucket = _bucket(num_requests)
         for (rid, _), k in zip(candidates, plan.num_spec):
             if step_on and k == 0:
                 self.tracker.idle(rid)
         return {rid: k for (rid, _), k in zip(candidates, plan.num_spec)}
+
+    def speculation_paused(self, num_requests: int) -> bool:
+        """Whether the next step may skip planning (module docstring, "Pausing")."""
+        return (
+            self._paused_bucket == _bucket(num_requests)
+            and self._skipped < self.pause_replan_interval
+            and self._off_streak + 1 < self._probe_every
+        )
+
+    def skip_plan(self) -> None:
+        """A step ran without a plan while paused: a speculation-off plan for the schedules."""
+        self._num_plans += 1
+        self._off_streak += 1
+        self._skipped += 1
+        self.stats.skipped += 1
 
     def _exploration_k(
         self, num_spec: list[int], num_requests: int, base_tokens: int, max_padded_k: int
