@@ -30,13 +30,13 @@ graph of their q) runs eagerly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.replicas.model.forward import ForwardBatch
+from rayfleet.replicas.model.forward import AttentionKernels, ForwardBatch
 from rayfleet.replicas.transfer import index_tensor, to_device
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,8 @@ class DecodeGraphs:
         self,
         model: torch.nn.Module,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        attention: Callable[..., torch.Tensor],
-        write_kv: Callable[..., None],
+        attn_kernels: AttentionKernels,
         *,
-        rope_and_write_kv: Callable[..., torch.Tensor] | None = None,
         capture_sizes: list[int],
         max_blocks_per_seq: int,
         max_seq_len: int,
@@ -105,9 +103,7 @@ class DecodeGraphs:
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.attention = attention
-        self.write_kv = write_kv
-        self.rope_and_write_kv = rope_and_write_kv
+        self.attn_kernels = attn_kernels
         self.device = device
         self.sizes = sorted(capture_sizes)
         self.max_size = self.sizes[-1]
@@ -160,15 +156,12 @@ class DecodeGraphs:
         emulate: bool = False,
     ) -> DecodeGraphs:
         """Capture graphs of ``owner``'s model over its KV caches. ``owner`` is a ModelRunner or
-        a DraftProposer: anything with model, kv_caches, attention, write_kv, rope_and_write_kv
-        and device. ``emulate``: capture nothing and replay eagerly (CPU tests of the padding
-        logic)."""
+        a DraftProposer: anything with model, kv_caches, attn_kernels and device. ``emulate``:
+        capture nothing and replay eagerly (CPU tests of the padding logic)."""
         graphs = cls(
             owner.model,
             owner.kv_caches,
-            owner.attention,
-            owner.write_kv,
-            rope_and_write_kv=owner.rope_and_write_kv,
+            owner.attn_kernels,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
@@ -197,13 +190,7 @@ class DecodeGraphs:
             # for the torch reference backend.
             seq_lens_cpu=seq_lens_cpu or [self.max_seq_len] * b,
         )
-        return ForwardBatch(
-            meta=meta,
-            kv_caches=self.kv_caches,
-            attention=self.attention,
-            write_kv=self.write_kv,
-            rope_and_write_kv=self.rope_and_write_kv,
-        )
+        return self.attn_kernels.batch(meta, self.kv_caches)
 
     def _forward(
         self, b: int, q: int, seq_lens_cpu: list[int] | None = None

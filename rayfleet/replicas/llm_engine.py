@@ -42,6 +42,7 @@ from rayfleet.replicas.detokenizer import IncrementalDetokenizer
 from rayfleet.replicas.engine.request import Request, RequestStatus
 from rayfleet.replicas.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from rayfleet.replicas.model import load_model, read_arch_config
+from rayfleet.replicas.model.forward import AttentionKernels
 from rayfleet.replicas.model.layers import use_kernel_backend
 from rayfleet.replicas.runner import ModelRunner, PendingStep
 from rayfleet.replicas.sampler import needs_host_history
@@ -187,9 +188,7 @@ class Engine:
                 device=self.device,
                 dtype=self.dtype,
                 block_size=config.cache.block_size,
-                attention=kernels.get("paged_attention", backend),
-                write_kv=kernels.get_or_default("write_kv", backend),
-                rope_and_write_kv=kernels.get_fused("rope_and_write_kv", backend),
+                attn_kernels=AttentionKernels.for_backend(backend),
                 eos_token_ids=self.eos_token_ids,
                 seed=mc.seed,
             )

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from rayfleet import kernels
 from rayfleet.kernels.attention_ref import AttentionMetadata
 from rayfleet.replicas.cuda_graphs import DecodeGraphs
 from rayfleet.replicas.engine.request import max_num_spec_tokens
 from rayfleet.replicas.engine.scheduler import RunnerOutput, SchedulerOutput
-from rayfleet.replicas.model.forward import ForwardBatch
+from rayfleet.replicas.model.forward import AttentionKernels, ForwardBatch
 from rayfleet.replicas.sampler import Sampler, SamplerRow
 from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy
 from rayfleet.replicas.spec.rejection import RejectionSampler, SpecRow
@@ -161,9 +160,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.attention = kernels.get("paged_attention", attention_backend)
-        self.write_kv = kernels.get_or_default("write_kv", attention_backend)
-        self.rope_and_write_kv = kernels.get_fused("rope_and_write_kv", attention_backend)
+        self.attn_kernels = AttentionKernels.for_backend(attention_backend)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(seed=seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -334,13 +331,7 @@ class ModelRunner:
         return build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
 
     def _batch(self, meta: AttentionMetadata) -> ForwardBatch:
-        return ForwardBatch(
-            meta=meta,
-            kv_caches=self.kv_caches,
-            attention=self.attention,
-            write_kv=self.write_kv,
-            rope_and_write_kv=self.rope_and_write_kv,
-        )
+        return self.attn_kernels.batch(meta, self.kv_caches)
 
     def _prepare(self, sched: SchedulerOutput) -> _StepInputs | None:
         """Apply the scheduler's changes and build the step's batch (None: nothing to run).

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rayfleet import kernels
 from rayfleet.replicas.cuda_graphs import DecodeGraphs, uniform_query_layout
 from rayfleet.replicas.model import MODEL_SHAPES, ForwardBatch, build_random_model
+from rayfleet.replicas.model.forward import AttentionKernels
 from rayfleet.replicas.runner import allocate_kv_tensors, build_attention_metadata, slot_mapping
 
 BS = 4
@@ -63,9 +63,7 @@ def _owner(model: torch.nn.Module, backend: str) -> SimpleNamespace:
     return SimpleNamespace(
         model=model,
         kv_caches=allocate_kv_tensors(model.arch, NUM_BLOCKS, BS, torch.float32, CPU),
-        attention=kernels.get("paged_attention", backend),
-        write_kv=kernels.get_or_default("write_kv", backend),
-        rope_and_write_kv=kernels.get_fused("rope_and_write_kv", backend),
+        attn_kernels=AttentionKernels.for_backend(backend),
         device=CPU,
     )
 
@@ -84,7 +82,9 @@ def _step(owner, contexts: list[int], counts: list[int], gen: torch.Generator):
 
 
 def _eager(owner, ids, pos, meta) -> torch.Tensor:
-    batch = ForwardBatch(meta, owner.kv_caches, owner.attention, owner.write_kv)
+    batch = ForwardBatch(
+        meta, owner.kv_caches, owner.attn_kernels.attention, owner.attn_kernels.write_kv
+    )
     return owner.model(ids, pos, batch)
 
 

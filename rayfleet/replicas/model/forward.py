@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayfleet import kernels
 from rayfleet.kernels.attention_ref import AttentionMetadata
 
 
@@ -27,3 +28,32 @@ class ForwardBatch:
     # kernels "rope_and_write_kv": RoPE on q and k plus the KV write in one launch; where set,
     # attention layers use it instead of the separate rotary ops + write_kv.
     rope_and_write_kv: Callable[..., torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class AttentionKernels:
+    """The kernels of one attention backend that a forward's attention layers call, looked up
+    once (by the runner, the draft proposer and the CUDA graphs over either)."""
+
+    attention: Callable[..., torch.Tensor]
+    write_kv: Callable[..., None]
+    rope_and_write_kv: Callable[..., torch.Tensor] | None = None
+
+    @classmethod
+    def for_backend(cls, backend: str | None) -> AttentionKernels:
+        return cls(
+            attention=kernels.get("paged_attention", backend),
+            write_kv=kernels.get_or_default("write_kv", backend),
+            rope_and_write_kv=kernels.get_fused("rope_and_write_kv", backend),
+        )
+
+    def batch(
+        self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> ForwardBatch:
+        return ForwardBatch(
+            meta=meta,
+            kv_caches=kv_caches,
+            attention=self.attention,
+            write_kv=self.write_kv,
+            rope_and_write_kv=self.rope_and_write_kv,
+        )

@@ -32,7 +32,7 @@ import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
 from rayfleet.replicas.cuda_graphs import DecodeGraphs
-from rayfleet.replicas.model.forward import ForwardBatch
+from rayfleet.replicas.model.forward import AttentionKernels
 from rayfleet.replicas.runner import (
     allocate_kv_tensors,
     build_attention_metadata,
@@ -87,20 +87,16 @@ class DraftProposer:
         device: torch.device,
         dtype: torch.dtype,
         block_size: int,
-        attention,
-        write_kv,
+        attn_kernels: AttentionKernels,
         eos_token_ids: frozenset[int],
         seed: int = 0,
-        rope_and_write_kv=None,
     ) -> None:
         self.model = model
         self.arch = model.arch
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.attention = attention
-        self.write_kv = write_kv
-        self.rope_and_write_kv = rope_and_write_kv
+        self.attn_kernels = attn_kernels
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Optional CUDA graphs for the single-token draft forwards (see enable_cuda_graphs).
@@ -147,14 +143,7 @@ class DraftProposer:
     ) -> torch.Tensor:  # [num_tokens, hidden]
         if self.graphs is not None and self.graphs.can_run(meta, ids.shape[0]):
             return self.graphs.run(ids, pos, meta)
-        batch = ForwardBatch(
-            meta=meta,
-            kv_caches=self.kv_caches,
-            attention=self.attention,
-            write_kv=self.write_kv,
-            rope_and_write_kv=self.rope_and_write_kv,
-        )
-        return self.model(ids, pos, batch)
+        return self.model(ids, pos, self.attn_kernels.batch(meta, self.kv_caches))
 
     def _first_forward(self, reqs: list[DraftRequest]) -> tuple[torch.Tensor, int]:
         """Forward 1 over every request's span token_ids[start:end]; returns the hidden state of
