@@ -337,7 +337,7 @@ def _flat_token_index(
         torch.tensor(rows_of, dtype=torch.long), torch.tensor([len(q) for q in seqs])
     )
     flat = (rows * vocab + ids)[(ids >= 0) & (ids < vocab)]
-    return flat.to(device, non_blocking=True)
+    return _to_device(flat, torch.long, device)
 
 
 def _fill_logprobs(

@@ -13,13 +13,17 @@ import torch
 
 
 def to_device(
-    values: list[int] | list[float] | np.ndarray, dtype: torch.dtype, device: torch.device
+    values: list[int] | list[float] | list[bool] | np.ndarray | torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
-    host = (
-        torch.from_numpy(values).to(dtype)
-        if isinstance(values, np.ndarray)
-        else torch.tensor(values, dtype=dtype)
-    )
+    """``values`` (a list, a numpy array or a host tensor) as ``dtype`` on ``device``."""
+    if isinstance(values, torch.Tensor):
+        host = values.to(dtype)
+    elif isinstance(values, np.ndarray):
+        host = torch.from_numpy(values).to(dtype)
+    else:
+        host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)

@@ -47,7 +47,7 @@ from rayfleet.replicas.sampler import (
     reads_history,
 )
 from rayfleet.replicas.spec.rejection import DRAFT_STREAM, HistoryView, stream_seed
-from rayfleet.replicas.transfer import index_tensor
+from rayfleet.replicas.transfer import index_tensor, to_device
 from rayfleet.sampling_params import SamplingParams
 
 # Query lengths of the draft's CUDA graphs: forwards 2..k feed 1 token per request, forward 1 up
@@ -245,7 +245,7 @@ class _SingleTokenSteps:
             self.offsets.append(self.offsets[-1] + counts[j])
         self.seq_lens = (pos + 1).tolist()
         # One copy: positions, slots, seq_lens, block table (int64; narrowed on the device).
-        packed = torch.cat([pos, slots, pos + 1, table.view(-1)]).to(dev, non_blocking=True)
+        packed = to_device(torch.cat([pos, slots, pos + 1, table.view(-1)]), torch.int64, dev)
         self.positions, self.slot_mapping = packed[:n], packed[n : 2 * n]
         self.seq_lens_dev = packed[2 * n : 3 * n].to(torch.int32)
         self.block_tables = packed[3 * n :].view(m1, width).to(torch.int32)

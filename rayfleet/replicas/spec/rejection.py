@@ -46,6 +46,7 @@ from rayfleet.replicas.sampler import (
     step_seed,
 )
 from rayfleet.replicas.transfer import index_tensor as _index
+from rayfleet.replicas.transfer import to_device
 from rayfleet.sampling_params import SamplingParams
 
 ACCEPT_STREAM = 1
@@ -229,7 +230,7 @@ class RejectionSampler:
         drafts = _index([d for i in sampled for d in rows[i].draft_token_ids[: ks[i]]], device)
         p_d = p[_index(p_of_draft, device), drafts]  # [Q] p_j(d_{j+1})
         q_d = q.gather(1, drafts.unsqueeze(1)).squeeze(1)  # [Q] q_j(d_{j+1}) > 0: d was drawn
-        u = self._uniforms(rows, ks, sampled).to(device, non_blocking=True)  # [Q] U[0,1)
+        u = to_device(self._uniforms(rows, ks, sampled), torch.float32, device)  # [Q] U[0,1)
         # u < p/q without dividing; p >= q always accepts since u < 1.
         accept = (u * q_d < p_d).tolist()
 
@@ -247,7 +248,7 @@ class RejectionSampler:
         p_fin = p[_index(fin_p, device)]  # [S, V]
         q_fin = q[_index(fin_q, device)]
         # Bonus rows sample p_k itself: as if q were 0 there.
-        is_bonus = torch.tensor(bonus, dtype=torch.bool).to(device, non_blocking=True).unsqueeze(1)
+        is_bonus = to_device(bonus, torch.bool, device).unsqueeze(1)
         q_fin = q_fin.masked_fill(is_bonus, 0.0)
         residual = (p_fin - q_fin).clamp_(min=0.0)  # unnormalized max(0, p - q)
         # In exact arithmetic a rejection implies some p(y) > q(y); guard against rounding.
@@ -259,7 +260,7 @@ class RejectionSampler:
         for s, i in enumerate(sampled):
             token_ids[i] = token_ids[i] + [chosen[s]]
 
-    def _uniforms(self, rows: Sequence[SpecRow], ks: list[int], sampled: list[int]) -> torch.Tensor:
+    def _uniforms(self, rows: Sequence[SpecRow], ks: list[int], sampled: list[int]) -> list[float]:
         out: list[float] = []
         unseeded = [
             torch.rand(ks[i], generator=self._cpu_gen).tolist()
@@ -274,7 +275,7 @@ class RejectionSampler:
             else:
                 base = len(rows[i].output_token_ids)
                 out.extend(stream_uniform(seed, base + j, ACCEPT_STREAM) for j in range(ks[i]))
-        return torch.tensor(out, dtype=torch.float32)
+        return out
 
     def _exponentials(
         self,
