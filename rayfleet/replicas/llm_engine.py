@@ -431,9 +431,7 @@ class Engine:
         if self.overlap and not self._history_readers and self._speculation_paused():
             return self._step_overlapped()
         if self._inflight is not None:  # leaving overlap: deliver the step in flight first
-            sched, pending = self._inflight
-            self._inflight = None
-            return self._process(sched, self.runner.resolve(pending))
+            return self._finish_inflight()
         sched: SchedulerOutput = self.scheduler.schedule()
         return self._process(sched, self.runner.execute(sched))
 
@@ -454,14 +452,17 @@ class Engine:
         """Launch the next step, then finish the one in flight (see the module docstring)."""
         sched = self.scheduler.schedule()
         launched = self.runner.launch(sched)
-        outputs: list[RequestOutput] = []
-        if self._inflight is not None:
-            prev_sched, pending = self._inflight
-            self._inflight = None
-            outputs = self._process(prev_sched, self.runner.resolve(pending))
+        outputs = self._finish_inflight() if self._inflight is not None else []
         if launched is not None:
             self._inflight = (sched, launched)
         return outputs
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        """Wait for the step in flight and process its tokens."""
+        assert self._inflight is not None
+        sched, pending = self._inflight
+        self._inflight = None
+        return self._process(sched, self.runner.resolve(pending))
 
     def _process(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         """The host side of a finished step: tokens into the scheduler, detokenization, stop
