@@ -81,7 +81,7 @@ class PendingStep:
     """A launched step whose sampled tokens are still on their way to the host (see launch)."""
 
     states: list[tuple[str, _RunnerRequest]]  # the sampling requests, in row order
-    host_tokens: torch.Tensor | None  # [len(states)] int64 on the host (pinned on CUDA)
+    host_tokens: torch.Tensor  # [len(states)] int64 on the host (pinned on CUDA)
     ready: torch.cuda.Event | None  # recorded after the device-to-host copy (CUDA)
 
 
@@ -450,9 +450,7 @@ class ModelRunner:
         if self.proposer is not None:
             assert self.spec_policy is not None
             assert not any(inp.num_spec), "an overlapped step verifies no drafts"
-            for rid, n in sched.num_scheduled_tokens.items():
-                start = inp.starts[rid]
-                self._refresh_draft_flags(self.requests[rid], start, start + n)
+            self._refresh_draft_flags(sched.num_scheduled_tokens, inp.starts)
             self.spec_policy.skip_plan()
         logits = self._forward(inp)
         if logits is None:
@@ -478,7 +476,6 @@ class ModelRunner:
         sampled all the same: the scheduler decides what a token still means)."""
         if step.ready is not None:
             step.ready.synchronize()
-        assert step.host_tokens is not None
         out = RunnerOutput()
         for (rid, st), tok in zip(step.states, step.host_tokens.tolist()):
             out.sampled_token_ids[rid] = [tok]
@@ -655,8 +652,7 @@ class ModelRunner:
                     out.spec_token_ids[r.request_id] = list(drafts)
             for num_drafting, seconds in proposals.timings:
                 policy.observe_draft(num_drafting, seconds)
-        for rid, n in scheduled.items():
-            self._refresh_draft_flags(self.requests[rid], starts[rid], starts[rid] + n)
+        self._refresh_draft_flags(scheduled, starts)
 
     def _graph_covers(self, num_seqs: int, q: int) -> bool:
         """A step of ``num_seqs`` requests with at most q tokens each replays a graph."""
@@ -706,17 +702,24 @@ class ModelRunner:
             n += 1
         return n * bs
 
-    def _refresh_draft_flags(self, st: _RunnerRequest, written_from: int, written_to: int) -> None:
-        """Recompute the flags of the blocks the target wrote this step (positions
-        [written_from, written_to)) and of those the change of dv moved across."""
-        dv = min(st.draft_num_computed, len(st.token_ids))
+    def _refresh_draft_flags(self, scheduled: dict[str, int], starts: dict[str, int]) -> None:
+        """For each request of the step (``scheduled[rid]`` tokens from ``starts[rid]``):
+        recompute the flags of the blocks the target wrote this step (positions
+        [start, start + n)) and of those the change of dv moved across."""
         bs = self.block_size
-        lo, hi = sorted((st.flags_dv, dv))
-        n_blocks = len(st.block_ids)
-        for first, end in ((lo // bs, hi // bs + 1), (written_from // bs, -(-written_to // bs))):
-            for i in range(first, min(end, n_blocks)):
-                self._draft_block_valid[st.block_ids[i]] = (i + 1) * bs <= dv
-        st.flags_dv = dv
+        for rid, n in scheduled.items():
+            st = self.requests[rid]
+            written_from, written_to = starts[rid], starts[rid] + n
+            dv = min(st.draft_num_computed, len(st.token_ids))
+            lo, hi = sorted((st.flags_dv, dv))
+            n_blocks = len(st.block_ids)
+            for first, end in (
+                (lo // bs, hi // bs + 1),
+                (written_from // bs, -(-written_to // bs)),
+            ):
+                for i in range(first, min(end, n_blocks)):
+                    self._draft_block_valid[st.block_ids[i]] = (i + 1) * bs <= dv
+            st.flags_dv = dv
 
 
 def _prompt(st: _RunnerRequest) -> list[int] | tuple[()]:
