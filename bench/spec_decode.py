@@ -17,8 +17,10 @@ so that agreement is controlled ("synthetic agreement" in the JSON):
 
 so every layer still does its full work, but next-token logits are (nearly) a function of the
 current token, shared by both models, and the draft's noise sigma sets the acceptance rate: at
-temperature 1 the sampled rate sum_y min(p, q), greedy the argmax agreement (calibrated by
-bisection on the shared path; the measured rate is reported). Levels: greedy at the demo pair's
+temperature 1 the sampled rate sum_y min(p, q), greedy the argmax agreement. Calibration: per
+level and batch size, bisection on sigma for the acceptance measured through the engine with one
+draft per step on that run's prompts (the shared path's own rate is higher: it leaves out bf16
+rounding and the layers' residual noise; both rates are reported). Levels: greedy at the demo pair's
 greedy per-token rate (the i.i.d. rate a with 1 + a + ... + a^8 = its mean accepted length at
 k = 8; ``--greedy-acceptance`` when part 1 did not run) and temperature 1 at ``--acceptance``.
 
@@ -26,9 +28,10 @@ For each level and batch size (``--batch-sizes``), output tokens/s (prefill incl
 speculation (the adaptive policy with at most ``--num-speculative-tokens`` drafts, and each fixed
 k of ``--fixed-k``) and without (no draft loaded), and the speedup. One engine with the draft and
 one without serve every run (CUDA graphs for decode, verification and draft steps are captured
-once per engine); the adaptive policy's cost curves are learnt in a short warm-up pass and kept
-(as a serving replica keeps them), its acceptance statistics start fresh every run
-(``--cold-policy``: a fresh policy per run, exploration included).
+once per engine); one adaptive policy serves every adaptive run, as a replica keeps its own: its
+cost curves (learnt in a short warm-up pass), sync overhead and probe schedule carry over; its
+per-request statistics and counters start fresh every run, its replica-wide acceptance rate at
+the level's measured rate (``--cold-policy``: a fresh policy per run, exploration included).
 
 JSON to ``bench/results/spec-<date>.json``; a PNG plot (speedup vs acceptance per batch size,
 adaptive policy) beside it when matplotlib imports; a summary table is printed last. ``--tiny``
@@ -55,7 +58,12 @@ from rayfleet.config import EngineConfig
 from rayfleet.replicas.llm_engine import Engine
 from rayfleet.replicas.model import MODEL_SHAPES, build_random_model
 from rayfleet.replicas.model.arch import ModelArchConfig
-from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy, FixedSpecPolicy
+from rayfleet.replicas.spec.adaptive import (
+    AcceptanceTracker,
+    AdaptiveSpecPolicy,
+    FixedSpecPolicy,
+    PolicyStats,
+)
 from rayfleet.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,6 +267,41 @@ def calibrate(acceptance, want: float, greedy: bool) -> float:
     return (lo + hi) / 2
 
 
+def calibrate_on_engine(
+    eng: Engine,
+    prompts: list[list[int]],
+    set_sigma,
+    temperature: float,
+    want: float,
+    sigma_hi: float,
+    output_len: int,
+    device: str,
+    steps: int = 6,
+) -> tuple[float, float]:
+    """The draft noise sigma in [0, sigma_hi] whose acceptance, measured through the engine on
+    these prompts with one draft per step (so position-1 acceptance, the per-token rate), is
+    closest to ``want`` (bisection; acceptance falls as sigma grows). The shared-path
+    calibration leaves out the models' bf16 rounding and residual noise, which cost agreement,
+    and a greedy run visits one fixed path of tokens per prompt: measured on the run's own
+    prompts, the level is the one the run sees. Returns (sigma, its measured acceptance)."""
+    eng.runner.spec_policy = FixedSpecPolicy(1)
+    lo, hi = 0.0, sigma_hi
+    best = (sigma_hi, 0.0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        set_sigma(mid)
+        outs, _ = run_engine(eng, prompts, output_len, device, temperature)
+        rate = _spec_summary(outs)["acceptance_rate"] or 0.0
+        if abs(rate - want) < abs(best[1] - want):
+            best = (mid, rate)
+        if rate > want:
+            lo = mid
+        else:
+            hi = mid
+    set_sigma(best[0])
+    return best
+
+
 def iid_rate(mean_accepted_length: float, k: int) -> float:
     """The per-draft rate a with 1 + a + ... + a^k = mean_accepted_length (bisection)."""
     lo, hi = 0.0, 1.0
@@ -401,13 +444,18 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
     eng = make_engine(a, target, draft, big, k_max)
     out["spec_engine"] = {"build_s": time.perf_counter() - t0, "cuda_graphs": _graph_report(eng)}
     print(f"spec engine: {out['spec_engine']}")
-    learnt = AdaptiveSpecPolicy(k_max)  # cost curves shared by the adaptive runs
+    learnt = AdaptiveSpecPolicy(k_max)  # one policy for the adaptive runs, as a replica keeps
 
-    def adaptive() -> AdaptiveSpecPolicy:
-        policy = AdaptiveSpecPolicy(k_max)
-        if not a.cold_policy:
-            policy.target, policy.draft = learnt.target, learnt.draft
-        return policy
+    def adaptive(rate: float | None = None) -> AdaptiveSpecPolicy:
+        """The replica's policy (cost curves, sync overhead and probe schedule kept) with fresh
+        per-request statistics and counters, its replica-wide acceptance rate at ``rate`` (what
+        a replica serving this traffic has learnt: the level's measured rate); with
+        --cold-policy a new policy."""
+        if a.cold_policy:
+            return AdaptiveSpecPolicy(k_max)
+        learnt.tracker = AcceptanceTracker() if rate is None else AcceptanceTracker(prior=rate)
+        learnt.stats = PolicyStats()
+        return learnt
 
     set_sigma(calibrate(acceptance, levels[0][1], levels[0][0] == 0.0))
     if not a.cold_policy:  # warm-up: learn the cost curves at every batch size
@@ -417,16 +465,24 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
         out["warmup_s"] = time.perf_counter() - t0 - out["spec_engine"]["build_s"]
     for temp, want in levels:
         greedy = temp == 0.0
-        sigma = calibrate(acceptance, want, greedy)
-        set_sigma(sigma)
+        # Measured acceptance is below the shared path's: search below its sigma.
+        sigma_hi = calibrate(acceptance, want, greedy)
         for b in batches:
+            if not budget.left():
+                out["skipped"].append({"batch": b, "acceptance": want, "what": "calibration"})
+                continue
+            calib_len = a.output_len if b <= 8 else min(32, a.output_len)
+            sigma, measured = calibrate_on_engine(
+                eng, prompts[b], set_sigma, temp, want, sigma_hi, calib_len, a.device
+            )
+            print(f"T={temp} want {want} batch={b}: sigma {sigma:.4f}, k=1 acceptance {measured}")
             base = out["baseline_by_temperature"].get(str(temp), {}).get(b)
             policies = [("adaptive", k_max)] + [("fixed", k) for k in fixed]
             for kind, k in policies:
                 if not budget.left() or base is None:
                     out["skipped"].append({"batch": b, "acceptance": want, "policy": kind, "k": k})
                     continue
-                policy = adaptive() if kind == "adaptive" else FixedSpecPolicy(k)
+                policy = adaptive(measured) if kind == "adaptive" else FixedSpecPolicy(k)
                 eng.runner.spec_policy = policy
                 outs, res = run_engine(eng, prompts[b], a.output_len, a.device, temp)
                 spec = _spec_summary(outs)
@@ -435,6 +491,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                     "temperature": temp,
                     "sigma": sigma,
                     "shared_path_acceptance": acceptance(sigma, greedy),
+                    "calibration_k1_acceptance": measured,
                     "batch": b,
                     "policy": kind,
                     "k": k,
@@ -447,6 +504,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                     row["cost_model"] = {
                         "target_s": {f"{n:.0f}": t for n, t in policy.target.points()},
                         "draft_s": {f"{n:.0f}": t for n, t in policy.draft.points()},
+                        "sync_overhead_s": {f"{n:.0f}": t for n, t in policy.overhead.points()},
                     }
                 out["spec"].append(row)
                 print(

@@ -45,21 +45,26 @@ _SPLIT_MIN_CHUNK = 256  # never give a split fewer context tokens than this
 _SPLIT_MAX = 64
 
 
-@triton.jit
+# Runtime ints that vary with the batch are marked do_not_specialize: Triton would otherwise
+# compile a variant for == 1 and for multiples of 16 (~0.5 s each, the first time a batch
+# brings one, in the middle of a step: the block-table width turning 16 as contexts pass 256
+# tokens did on the GPU host).
+@triton.jit(do_not_specialize=["num_q_tiles", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
-    out_ptr,  # [T, Hq, D]                    (NUM_SPLITS == 1)
-    ws_acc_ptr,  # [T, Hq, NUM_SPLITS, D] fp32  (NUM_SPLITS > 1)
-    ws_m_ptr,  # [T, Hq, NUM_SPLITS] fp32
-    ws_l_ptr,  # [T, Hq, NUM_SPLITS] fp32
+    out_ptr,  # [T, Hq, D]                    (not SPLIT)
+    ws_acc_ptr,  # [T, Hq, num_splits, D] fp32  (SPLIT)
+    ws_m_ptr,  # [T, Hq, num_splits] fp32
+    ws_l_ptr,  # [T, Hq, num_splits] fp32
     query_start_loc_ptr,  # [B + 1] int32
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (used only when USE_WINDOW)
     num_q_tiles,
+    num_splits,  # KV splits (grid axis 2); > 1 only with SPLIT
     stride_qt,
     stride_qh,
     stride_kb,
@@ -78,7 +83,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,  # KV positions per loop step
     HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,  # cache block size
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: partial results into the workspace
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
@@ -119,8 +124,8 @@ def _paged_attention_kernel(
     lo = hi * 0
     if USE_WINDOW:
         lo = tl.maximum(ctx_start + q_tile * BLOCK_Q - window + 1, 0)
-    if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
@@ -165,7 +170,7 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
@@ -173,31 +178,31 @@ def _paged_attention_kernel(
             mask=row_ok[:, None],
         )
     else:
-        ml_off = (tok * tl.num_programs(1) * GROUP + head) * NUM_SPLITS + split  # [M]
+        ml_off = (tok * tl.num_programs(1) * GROUP + head) * num_splits + split  # [M]
         tl.store(ws_m_ptr + ml_off, m_i, mask=row_ok)
         tl.store(ws_l_ptr + ml_off, l_i, mask=row_ok)
         tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
     out_ptr,  # [T, Hq, D]
-    ws_acc_ptr,  # [T, Hq, NUM_SPLITS, D] fp32
-    ws_m_ptr,  # [T, Hq, NUM_SPLITS] fp32 (log2 domain)
-    ws_l_ptr,  # [T, Hq, NUM_SPLITS] fp32
+    ws_acc_ptr,  # [T, Hq, num_splits, D] fp32
+    ws_m_ptr,  # [T, Hq, num_splits] fp32 (log2 domain)
+    ws_l_ptr,  # [T, Hq, num_splits] fp32
     num_heads,
+    num_splits,
     stride_ot,
     stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, HEAD_DIM)
-    base = (tok * num_heads + head) * NUM_SPLITS
-    s_ok = splits < NUM_SPLITS
+    base = (tok * num_heads + head) * num_splits
+    s_ok = splits < num_splits
     m = tl.load(ws_m_ptr + base + splits, mask=s_ok, other=float("-inf"))  # [S]
     l_part = tl.load(ws_l_ptr + base + splits, mask=s_ok, other=0.0)  # [S]
     m_max = tl.max(m, 0)
@@ -335,6 +340,7 @@ def paged_attention(
         scale * _LOG2E,
         sliding_window or 0,
         num_q_tiles,
+        num_splits,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -353,7 +359,7 @@ def paged_attention(
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
         PAGE=page,
-        NUM_SPLITS=num_splits,
+        SPLIT=num_splits > 1,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if fp32 or dot_fp32 else "tf32",
         DOT_FP32=dot_fp32,
@@ -367,9 +373,9 @@ def paged_attention(
             ws_m,
             ws_l,
             num_heads,
+            num_splits,
             out.stride(0),
             out.stride(1),
-            NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=4 if head_dim <= 128 else 8,
@@ -377,4 +383,56 @@ def paged_attention(
     return out
 
 
-__all__ = ["choose_num_splits", "paged_attention"]
+def warm_up(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sliding_window: int | None = None,
+) -> int:
+    """Compile, on tiny dummy inputs, every variant of the kernels a batch of this head layout
+    can select: each tile configuration (by longest query, doubling until BLOCK_M is capped),
+    with and without KV splits, and the combine kernel for each power-of-two split bound. A
+    variant first met while serving costs a compile (~0.5 s) inside a step. Returns the number
+    of launches."""
+    group = num_heads // num_kv_heads
+    configs: dict[tuple[int, int, int, int], int] = {}  # tile config -> shortest query
+    for q_len in (2**i for i in range(9)):  # BLOCK_M is capped (at 128) long before 256
+        configs.setdefault(_tile_config(q_len, group, head_dim), q_len)
+    longest = max(configs.values())
+    blocks = -(-longest // block_size)
+    shape = (blocks + 1, block_size, num_kv_heads, head_dim)
+    k_cache = torch.zeros(shape, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    launches = 0
+
+    def run(n: int, num_splits: int) -> None:
+        nonlocal launches
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=device, dtype=torch.int64) + block_size,
+            query_start_loc=torch.tensor([0, n], device=device, dtype=torch.int32),
+            seq_lens=torch.tensor([n], device=device, dtype=torch.int32),
+            block_tables=torch.arange(1, blocks + 1, device=device, dtype=torch.int32)[None],
+            max_query_len=n,
+            max_seq_len=n,
+            query_start_loc_cpu=[0, n],
+            seq_lens_cpu=[n],
+        )
+        q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
+        paged_attention(q, k_cache, v_cache, meta, 1.0, sliding_window, num_splits=num_splits)
+        launches += 1
+
+    for n in configs.values():
+        run(n, 1)
+        if n <= _SPLIT_MAX_QUERY_LEN:
+            run(n, 2)
+    splits = 4
+    while splits <= _SPLIT_MAX:  # the combine kernel's BLOCK_S = next power of two >= splits
+        run(1, splits)
+        splits *= 2
+    return launches
+
+
+__all__ = ["choose_num_splits", "paged_attention", "warm_up"]

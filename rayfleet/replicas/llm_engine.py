@@ -21,6 +21,8 @@ and drafting after each.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import itertools
 import logging
 import threading
@@ -207,6 +209,8 @@ class Engine:
         )
         self.num_blocks, self.memory_report = self._size_kv_cache()
         self.runner.allocate_kv_cache(self.num_blocks)
+        if self.device.type == "cuda" and backend == "triton":
+            self._warm_up_attention([self.model.arch] + ([proposer.arch] if proposer else []))
         if self._cuda_graphs_usable():
             self._capture_target_graphs(num_spec)
             if proposer is not None:
@@ -231,6 +235,8 @@ class Engine:
         self.overlap = overlap
         # The step in flight (overlap): its scheduler output and launched runner step.
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        # The step the latest step() call processed, for _report_step.
+        self._processed: tuple[SchedulerOutput, RunnerOutput] | None = None
         # Live requests whose sampling reads their own generated ids: steps are synchronous
         # while any runs.
         self._history_readers: set[str] = set()
@@ -240,6 +246,38 @@ class Engine:
             config.cache.block_size,
             (self.num_blocks - 1) * config.cache.block_size,
             self.num_blocks * self.runner.bytes_per_block / 2**20,
+        )
+        # Start-up leaves a large heap of long-lived objects (imported libraries, modules,
+        # kernels, graphs). Move them to the permanent generation: otherwise every full
+        # collection walks them, a 100-300 ms pause in the middle of a step (measured on the
+        # GPU host with an 8B target and a 1B draft).
+        gc.collect()
+        gc.freeze()
+        # Interpreter shutdown collects them as usual (registered once per process).
+        atexit.unregister(gc.unfreeze)
+        atexit.register(gc.unfreeze)
+
+    def _warm_up_attention(self, archs: list) -> None:
+        """Compile the Triton attention variants every model's head layout can select now, not
+        in the middle of a step (eager steps of new shapes would each pay a compile)."""
+        from rayfleet.kernels import triton_attention
+
+        t0 = time.perf_counter()
+        launches = 0
+        for arch in archs:
+            windows = {arch.layer_sliding_window(i) for i in range(arch.num_layers)}
+            for window in windows:
+                launches += triton_attention.warm_up(
+                    arch.num_heads,
+                    arch.num_kv_heads,
+                    arch.head_dim,
+                    self.runner.block_size,
+                    self.dtype,
+                    self.device,
+                    window,
+                )
+        logger.info(
+            "attention kernels: %d variants warmed up in %.1f s", launches, time.perf_counter() - t0
         )
 
     def _load_draft(self, prebuilt: torch.nn.Module | None) -> torch.nn.Module | None:
@@ -428,12 +466,31 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         if self.overlap and not self._history_readers and self._speculation_paused():
-            return self._step_overlapped()
-        if self._inflight is not None:  # leaving overlap: deliver the step in flight first
-            return self._finish_inflight()
-        sched: SchedulerOutput = self.scheduler.schedule()
-        return self._process(sched, self.runner.execute(sched))
+            outputs = self._step_overlapped()
+        elif self._inflight is not None:  # leaving overlap: deliver the step in flight first
+            outputs = self._finish_inflight()
+        else:
+            sched: SchedulerOutput = self.scheduler.schedule()
+            outputs = self._process(sched, self.runner.execute(sched))
+        if self._processed is not None:
+            self._report_step(*self._processed, time.perf_counter() - t0)
+            self._processed = None
+        return outputs
+
+    def _report_step(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
+        """A steady-state step's wall time, for the speculation policy's sync overhead
+        (spec/adaptive.py): every scheduled request decoded or verified (no prefill chunk, no
+        new request)."""
+        policy = self.runner.spec_policy
+        if self.runner.proposer is None or policy is None or sched.new_requests:
+            return
+        sampled = result.sampled_token_ids
+        for rid, n in sched.num_scheduled_tokens.items():
+            if rid not in sampled or n > 1 + len(sched.spec_token_ids.get(rid, ())):
+                return
+        policy.observe_step(len(sched.num_scheduled_tokens), seconds)
 
     def _speculation_paused(self) -> bool:
         """Without a draft model, always. With one, while the policy plans no drafts and no
@@ -468,6 +525,7 @@ class Engine:
         """The host side of a finished step: tokens into the scheduler, detokenization, stop
         strings, outputs."""
         touched = self.scheduler.update(sched, result)
+        self._processed = (sched, result)
         now = time.monotonic()
         outputs = []
         for req in touched:

@@ -297,3 +297,43 @@ def test_long_decode_batch_gpu(gen: torch.Generator, tol: Tol) -> None:
         gen=gen,
     )
     check_attention(b, tol)
+
+
+def _compiled_variants() -> int:
+    """Kernels compiled so far for the attention and combine kernels (all devices)."""
+    return sum(
+        len(caches[0])
+        for kernel in (triton_attention._paged_attention_kernel, triton_attention._combine_kernel)
+        for caches in kernel.device_caches.values()
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim,window", [(128, None), (64, None), (128, 512)])
+def test_warm_up_leaves_nothing_to_compile_while_serving(
+    head_dim: int, window: int | None, gen: torch.Generator, tol: Tol
+) -> None:
+    """After warm_up, batches of any shape (query lengths 1..300, 1..64 requests, contexts up
+    to 5k, split or not) reuse compiled kernels: no compile stalls a step mid-serving."""
+    triton_attention.warm_up(32, 8, head_dim, 16, torch.bfloat16, torch.device("cuda"), window)
+    before = _compiled_variants()
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        n = int(torch.randint(1, 65, (1,), generator=rng))
+        q_max = int(torch.randint(1, 301, (1,), generator=rng))
+        new = torch.randint(1, q_max + 1, (n,), generator=rng).tolist()
+        ctx = [q + int(torch.randint(0, 5000, (1,), generator=rng)) for q in new]
+        b = build_batch(
+            ctx,
+            new,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=head_dim,
+            block_size=16,
+            dtype=torch.bfloat16,
+            device="cuda",
+            gen=gen,
+        )
+        check_attention(b, tol, sliding_window=window)
+    assert _compiled_variants() == before

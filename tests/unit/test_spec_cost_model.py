@@ -77,6 +77,23 @@ def test_batch_one_memory_bound_speculates_deep() -> None:
     assert plan.off_tokens_per_s == pytest.approx(100.0)
 
 
+def test_sync_overhead_is_priced_into_every_speculating_plan() -> None:
+    # The same costs as above, but a speculating step also pays 8 ms of host work that a
+    # speculation-off step overlaps: k=4 gives 3.3616 / 22 ms = 152.8 tok/s, k=3 2.952 / 21 =
+    # 140.6, still beating off (100); at 0.5 acceptance k=1..4 give at most 1.9375 / 22 = 88.1:
+    # off, although without the overhead k=2 (1.75 / 12 = 145.8) would have won.
+    target = curve((1, 0.010), (8, 0.010), (64, 0.020))
+    draft = curve((1, 0.001))
+    kw = dict(num_requests=1, base_tokens=1, target_time=target, draft_time=draft)
+    plan = plan_speculation([0.8], [4], overhead=0.008, **kw)
+    assert plan.num_spec == [4]
+    assert (plan.verify_s, plan.draft_s) == pytest.approx((0.010, 0.004))
+    assert plan.tokens_per_s == pytest.approx(3.3616 / 0.022)
+    assert plan_speculation([0.5], [4], **kw).num_spec == [2]
+    off = plan_speculation([0.5], [4], overhead=0.008, **kw)
+    assert off.num_spec == [0] and off.verify_s == off.draft_s == 0.0
+
+
 def test_large_compute_bound_batch_turns_speculation_off() -> None:
     target = curve((1, 0.010), (64, 0.020), (256, 0.080))
     draft = curve((1, 0.001), (64, 0.004))
@@ -207,8 +224,8 @@ def test_policy_probes_after_off_streaks_that_double() -> None:
         policy.observe_draft(1, 1.0)
     cands = [("a", 4)]
     decisions = [policy.plan(cands, num_requests=1, base_tokens=1)["a"] for _ in range(26)]
-    # Probes (at the unmeasured threshold: 0.6^2 >= 0.3) after 3, then 6, then 8 (the cap) off
-    # plans: a probe that does not turn speculation back on makes the next one wait longer.
+    # Probes (two drafts) after 3, then 6, then 8 (the cap) off plans: a probe that does not
+    # turn speculation back on makes the next one wait longer.
     probes = [i for i, k in enumerate(decisions) if k]
     assert probes == [2, 8, 16, 24] and all(decisions[i] == 2 for i in probes)
     assert policy.stats.probes == 4
@@ -279,19 +296,19 @@ def test_skipped_plans_keep_the_probe_schedule() -> None:
 def test_a_due_exploration_is_planned_after_paused_steps() -> None:
     """Paused steps advance the plan count that drives refreshes of T(n_base): the refresh comes
     due while paused and the next plan (after pause_replan_interval) takes it."""
-    policy = AdaptiveSpecPolicy(4, refresh_interval=5, pause_replan_interval=8)
-    assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}  # measures T(1)
+    policy = hopeless_policy(refresh_interval=5, pause_replan_interval=8)
+    policy._explored_at[0] = 0  # T(1) was explored at the start (hopeless_policy measured it)
+    assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}  # an off plan
     explores = policy.stats.explores_off
-    assert explores == 1
-    for _ in range(2):
-        policy.observe_target(1, 0.010)
+    assert explores == 0
     for _ in range(8):
         assert policy.speculation_paused(1)
         policy.skip_plan()
     assert not policy.speculation_paused(1)
     policy.plan([("a", 4)], num_requests=1, base_tokens=1)
     assert policy.stats.explores_off == explores + 1
-    assert policy.speculation_paused(1)
+    # An exploration is one measurement, not an off decision: the next step plans again.
+    assert not policy.speculation_paused(1)
 
 
 # ---- closed loop: the policy against a synthetic engine ------------------------------------------
@@ -303,6 +320,20 @@ def h100_like_target(n: float) -> float:
 def h100_like_draft(m: float) -> float:
     """A 1B-like draft forward over m requests, one token each."""
     return 0.001 + max(0.0, m - 64) * 6e-6
+
+
+def accept(policy, rng: random.Random, rate: float, plan: dict[str, int]) -> dict[str, int]:
+    """Drafts accepted per request of ``plan`` (i.i.d. acceptance ``rate``), reported to the
+    policy."""
+    accepted = {}
+    for rid, k in plan.items():
+        a = 0
+        while a < k and rng.random() < rate:
+            a += 1
+        if k:
+            policy.observe_verification(rid, k, a)
+        accepted[rid] = a
+    return accepted
 
 
 def simulate(
@@ -331,15 +362,9 @@ def simulate(
         n = batch * (1 + k_max)
         t = h100_like_target(n)
         policy.observe_target(n, t)
-        for rid in rids:
-            k = plan[rid]
-            a = 0
-            while a < k and rng.random() < rate:
-                a += 1
-            if k:
-                policy.observe_verification(rid, k, a)
+        for rid, a in accept(policy, rng, rate, plan).items():
             tokens += a + 1
-            behind[rid] = 1 if k and a < k else behind[rid] + a + 1
+            behind[rid] = 1 if plan[rid] and a < plan[rid] else behind[rid] + a + 1
         plan = policy.plan(
             [(rid, 5) for rid in rids], num_requests=batch, base_tokens=batch, max_padded_k=5
         )
@@ -386,3 +411,83 @@ def test_closed_loop_large_batch_is_never_slower_than_off(rate: float) -> None:
     got, spec_steps = simulate(warm, batch=batch, rate=rate, steps=128, seed=1)
     assert spec_steps == 1 and warm.stats.probes == 1
     assert got > 0.99 * off_rate
+
+
+def simulate_engine(
+    policy,
+    batch: int,
+    rate: float,
+    steps: int,
+    *,
+    host_s: float,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """``simulate`` with the engine's timing and pausing: a step that plans runs synchronously
+    and pays ``host_s`` of host work that the cost model's target and draft timings leave out;
+    a paused step (speculation_paused, then skip_plan) overlaps that work with the device and
+    costs the target step only. Every step is reported to ``observe_step``. Draft catch-up is
+    free here. Returns (output tokens per second, steps that speculated)."""
+    rng = random.Random(seed)
+    rids = [f"r{i}" for i in range(batch)]
+    plan = dict.fromkeys(rids, 0)
+    tokens = 0
+    seconds = 0.0
+    spec_steps = 0
+    for _ in range(steps):
+        k_max = max(plan.values())
+        n = batch * (1 + k_max)
+        t = h100_like_target(n)
+        step_tokens = sum(a + 1 for a in accept(policy, rng, rate, plan).values())
+        if not k_max and policy.speculation_paused(batch):
+            policy.skip_plan()
+            plan = dict.fromkeys(rids, 0)
+        else:
+            policy.observe_target(n, t)
+            t += host_s
+            plan = policy.plan(
+                [(rid, 5) for rid in rids], num_requests=batch, base_tokens=batch, max_padded_k=5
+            )
+            k_next = max(plan.values())
+            if k_next:
+                spec_steps += 1
+                d = h100_like_draft(sum(1 for k in plan.values() if k))
+                policy.observe_draft(sum(1 for k in plan.values() if k), d)
+                t += k_next * d
+        policy.observe_step(batch, t)
+        tokens += step_tokens
+        seconds += t
+    return tokens / seconds, spec_steps
+
+
+def test_measured_sync_overhead_turns_off_what_the_forwards_alone_misprice() -> None:
+    """Batch 96 at acceptance 0.9 with 6 ms of host work per synchronous step. The forwards
+    alone price k = 1 at 182.4 tokens per 10.56 + 1.19 ms = 15.5k tok/s against 12.0k off (96
+    per 8 ms), a 1.29x gain, but a speculating step really takes 17.75 ms (10.3k tok/s) while a
+    paused step hides the host work. Blind to it, the policy speculates throughout and is 14%
+    slower than off; H, measured on the first step between two full speculating plans, turns
+    it off after those two, and the probes (a few requests, two drafts) keep it off."""
+    batch, rate, host = 96, 0.9, 0.006
+    off_rate = batch / h100_like_target(batch)
+
+    def policy() -> AdaptiveSpecPolicy:  # acceptance already known: 0.9 everywhere
+        return AdaptiveSpecPolicy(5, tracker=AcceptanceTracker(prior=0.9))
+
+    blind = policy()
+    blind.observe_step = lambda num_requests, seconds: None  # type: ignore[method-assign]
+    got_blind, spec_blind = simulate_engine(blind, batch, rate, 512, host_s=host)
+    assert spec_blind > 500 and got_blind < 0.91 * off_rate
+    aware = policy()
+    got, spec_steps = simulate_engine(aware, batch, rate, 512, host_s=host)
+    assert aware.overhead(batch) == pytest.approx(host)
+    assert got > 0.98 * off_rate
+    assert spec_steps - aware.stats.probes - aware.stats.explores_on == 2
+
+
+def test_measured_sync_overhead_keeps_a_winning_plan() -> None:
+    """Batch 1 at acceptance 0.9, 0.5 ms of host work: speculation wins by far after its host
+    work too, and, once measured, an exploration does not pause it for 32 steps."""
+    policy = AdaptiveSpecPolicy(5)
+    off_rate = 1 / h100_like_target(1)
+    got, spec_steps = simulate_engine(policy, 1, 0.9, 256, host_s=0.0005)
+    assert policy.overhead(1) == pytest.approx(0.0005)
+    assert spec_steps >= 250 and got > 2.3 * off_rate

@@ -10,7 +10,7 @@ Two decisions, made together each step by ``plan_speculation``:
 - per step, from a measured cost model: the target step's time as a function of its tokens,
   T(n), and the draft's time per forward as a function of the requests drafting, D(m) (a
   proposal's forwards after the first carry one token per drafting request). A plan {k_i} costs
-  T(n_verify) + max_i(k_i) * D(#{k_i > 0}) and yields sum_i E_i(k_i) + (requests not
+  T(n_verify) + max_i(k_i) * D(#{k_i > 0}) + H(n_req) and yields sum_i E_i(k_i) + (requests not
   speculating) tokens, where n_verify = n_base + sum k_i, or, when the verification step will
   replay a CUDA graph (k <= ``max_padded_k``), n_base + n_req * max_i(k_i): every request is
   padded to the longest query. Plans considered: for each threshold theta in THRESHOLDS, k_i =
@@ -19,6 +19,9 @@ Two decisions, made together each step by ``plan_speculation``:
   the others' drafts free on the target side). The plan with the best tokens/second wins, and
   only if it beats speculation off, n_req / T(n_base), by ``min_gain``; otherwise every k is 0
   and the draft does not run at all.
+
+H(n_req) is the host work a speculating step adds (module section "Sync overhead"); a
+speculation-off step overlaps its host work with the device and costs T(n_base).
 
 The cost curves are learnt online by the runner (``observe_target`` / ``observe_draft``) from
 steady-state steps only: target steps of decode/verification shape (no prefill chunk), timed from
@@ -34,16 +37,28 @@ segment (flat from a single point), so an unmeasured verification size looks che
 tried; such a plan runs for the ``explore_requests`` best-accepting requests only (with a padded
 verification graph the step still costs its full size, which is what gets measured, while the
 draft's catch-up prefill stays small). After ``probe_interval`` consecutive plans with
-speculation off, one step speculates likewise for a few requests (the UNMEASURED_THRESHOLD plan),
-so stale measurements cannot keep it off for good; each probe that does not turn speculation
+speculation off, one step speculates likewise for a few requests, two drafts each (a cheap padded
+verification, and one single-token draft forward to time), so stale measurements cannot keep it
+off for good; each probe that does not turn speculation
 back on doubles the interval (up to ``max_probe_interval``).
+
+Sync overhead. T and D time the forwards, not the step: a speculating step runs synchronously
+(planning reads the sampled tokens), so scheduling, input building, rejection sampling and
+output processing add to it, while a speculation-off step overlaps them with the device. The
+engine reports each steady-state step's wall time (``observe_step``); for a step between two
+speculating plans (it verifies one plan's drafts and proposes the next's) the policy records
+H = wall - T(n_verify) of the one - k * D(m) of the other, in a third curve over the batch
+size (same buckets, medians, interpolation and extrapolation as T and D). Host work does not
+depend on the acceptance rate, so the curve stays valid when acceptance moves; until a bucket is
+measured the curve extrapolates from the batch sizes that were (0 before any).
 
 Pausing. Planning needs the previous step's sampled tokens, so an engine that overlaps scheduling
 with the device (one step in flight) can only plan on synchronous steps. ``speculation_paused``
 says, before a step is scheduled, whether it may skip planning and run overlapped: the last plan
 drafted nothing for a batch of about this size (same half-octave bucket), it was made fewer than
 ``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
-moved: re-plan now and then), and the next plan would not be a probe. Each skipped plan
+moved: re-plan now and then), and the next plan would not be a probe. A speculation-off
+exploration (one step measuring T(n_base)) does not pause. Each skipped plan
 (``skip_plan``) counts as a speculation-off plan for the probe and exploration schedules, so
 probes and refreshes come due as they would with a plan every step.
 """
@@ -153,6 +168,10 @@ class Plan:
     num_spec: list[int]  # per candidate request
     tokens_per_s: float  # predicted, of the chosen plan
     off_tokens_per_s: float  # predicted with speculation off
+    # Predicted seconds of the chosen speculating plan's verification, T(n_verify), and of its
+    # proposal, k * D(m) (the sync overhead left out); 0 when it speculates nothing.
+    verify_s: float = 0.0
+    draft_s: float = 0.0
 
 
 def plan_speculation(
@@ -165,12 +184,14 @@ def plan_speculation(
     draft_time: Callable[[float], float | None],
     min_gain: float = 1.02,
     max_padded_k: int = 0,
+    overhead: float = 0.0,
 ) -> Plan:
     """Choose drafts per candidate request (``rates``/``caps`` aligned); see the module docstring.
 
     ``num_requests`` requests sample next step (candidates included), ``base_tokens`` is the step's
     token count without drafts. A plan whose longest draft run is at most ``max_padded_k`` is
-    verified by a padded CUDA graph (num_requests * (1 + k) tokens). Unknown costs: with no
+    verified by a padded CUDA graph (num_requests * (1 + k) tokens). ``overhead``: seconds of
+    host work every speculating plan adds (H). Unknown costs: with no
     target measurement at all the plan is the UNMEASURED_THRESHOLD one (the step speculates and
     so gets measured); an unmeasured draft counts as free.
     """
@@ -191,10 +212,11 @@ def plan_speculation(
     tokens = [[expected_tokens(rate, k) for k in range(cap + 1)] for rate, cap in gkeys]
     best: list[int] | None = None
     best_rate = off
+    best_times = (0.0, 0.0)
     seen: set[tuple[int, ...]] = set()
 
     def price(ks: list[int], verify_tokens: int, t_target: float | None = None) -> None:
-        nonlocal best, best_rate
+        nonlocal best, best_rate, best_times
         sig = tuple(ks)
         if sig in seen:
             return
@@ -204,9 +226,9 @@ def plan_speculation(
         if t_target is None:
             t_target = target_time(verify_tokens) or 0.0
         t_draft = draft_time(num_drafting) or 0.0
-        rate = (num_requests + extra) / (t_target + max(ks) * t_draft)
+        rate = (num_requests + extra) / (t_target + max(ks) * t_draft + overhead)
         if rate > best_rate and rate > floor:
-            best, best_rate = ks, rate
+            best, best_rate, best_times = ks, rate, (t_target, max(ks) * t_draft)
 
     # Unpadded: for each threshold theta, the drafts worth >= theta each (kept where they need
     # more than the graphs' max_padded_k drafts).
@@ -222,7 +244,9 @@ def plan_speculation(
         verify_tokens = base_tokens + num_requests * k
         t_target = target_time(verify_tokens) or 0.0
         upper = sum(n * (t[min(k, len(t) - 1)] - 1.0) for n, t in zip(sizes, tokens))
-        if t_target > 0 and (num_requests + upper) / t_target <= max(best_rate, floor):
+        if t_target > 0 and (num_requests + upper) / (t_target + overhead) <= max(
+            best_rate, floor
+        ):
             continue
         for join in joins:
             ks = [min(cap, k) if j else 0 for (_, cap), j in zip(gkeys, join)]
@@ -231,7 +255,13 @@ def plan_speculation(
     if best is None:
         return Plan([0] * len(keys), tokens_per_s=off, off_tokens_per_s=off)
     chosen = dict(zip(gkeys, best))
-    return Plan([chosen[key] for key in keys], tokens_per_s=best_rate, off_tokens_per_s=off)
+    return Plan(
+        [chosen[key] for key in keys],
+        tokens_per_s=best_rate,
+        off_tokens_per_s=off,
+        verify_s=best_times[0],
+        draft_s=best_times[1],
+    )
 
 
 class AcceptanceTracker:
@@ -297,6 +327,11 @@ class SpecPolicy(Protocol):
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None: ...
 
+    def observe_step(self, num_requests: int, seconds: float) -> None:
+        """A steady-state engine step (no prefill) of ``num_requests`` requests took ``seconds``
+        of wall time; called after the step's plan / skip_plan."""
+        ...
+
     def forget(self, request_id: str) -> None: ...
 
     def speculation_paused(self, num_requests: int) -> bool:
@@ -335,6 +370,9 @@ class FixedSpecPolicy:
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
         pass
 
+    def observe_step(self, num_requests: int, seconds: float) -> None:
+        pass
+
     def forget(self, request_id: str) -> None:
         pass
 
@@ -366,19 +404,20 @@ class AdaptiveSpecPolicy:
         max_k: int,
         *,
         tracker: AcceptanceTracker | None = None,
-        min_gain: float = 1.02,
+        min_gain: float = 1.1,
         min_samples: int = 2,
         explore_interval: int = 16,
         refresh_interval: int = 256,
         probe_interval: int = 128,
         max_probe_interval: int = 4096,
         explore_requests: int = 4,
-        pause_replan_interval: int = 32,
+        pause_replan_interval: int = 128,
     ) -> None:
         self.max_k = max_k
         self.tracker = tracker or AcceptanceTracker()
         self.target = CostCurve()
         self.draft = CostCurve()
+        self.overhead = CostCurve()  # H by batch size (module docstring, "Sync overhead")
         self.min_gain = min_gain
         self.min_samples = min_samples
         self.explore_interval = explore_interval
@@ -395,6 +434,10 @@ class AdaptiveSpecPolicy:
         # and the plans skipped since it.
         self._paused_bucket: int | None = None
         self._skipped = 0
+        # The latest plan if it was a full speculating plan (not an exploration or probe), else
+        # None; and the plan before it. A step verifies the one's drafts, proposes the other's.
+        self._full: Plan | None = None
+        self._prev_full: Plan | None = None
         self.last_plan: Plan | None = None
         self.stats = PolicyStats()
 
@@ -409,6 +452,7 @@ class AdaptiveSpecPolicy:
         self._num_plans += 1
         self._skipped = 0
         self._paused_bucket = None
+        self._prev_full, self._full = self._full, None
         if not candidates:
             return {}
         self.stats.plans += 1
@@ -417,7 +461,6 @@ class AdaptiveSpecPolicy:
             self._explored_at[_bucket(base_tokens)] = self._num_plans
             self.last_plan = None
             self.stats.explores_off += 1
-            self._paused_bucket = _bucket(num_requests)
             return {rid: 0 for rid, _ in candidates}
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
@@ -430,6 +473,7 @@ class AdaptiveSpecPolicy:
             draft_time=self.draft,
             min_gain=self.min_gain,
             max_padded_k=max_padded_k,
+            overhead=self.overhead(num_requests) or 0.0,
         )
         if any(plan.num_spec):
             self._off_streak = 0
@@ -441,19 +485,19 @@ class AdaptiveSpecPolicy:
                 plan.num_spec = self._few([min(k, k_explore) for k in plan.num_spec], rates)
             else:  # a measured win: probing may start over
                 self._probe_every = self.probe_interval
+                self._full = plan
         else:
             self._off_streak += 1
             if self._off_streak >= self._probe_every:
-                # Re-measure the speculative side once, with a few requests; if it stays off,
-                # wait twice as long.
+                # Re-measure the speculative side once, with a few requests and two drafts each
+                # (a padded verification makes every request pay for the deepest; the second
+                # draft forward is timed even when the first is the draft's catch-up prefill);
+                # if it stays off, wait twice as long.
                 self._off_streak = 0
                 self._probe_every = min(2 * self._probe_every, self.max_probe_interval)
                 self.stats.probes += 1
-                probe = [
-                    max(drafts_worth(r, UNMEASURED_THRESHOLD, c), 1) for r, c in zip(rates, caps)
-                ]
                 plan = Plan(
-                    self._few(probe, rates),
+                    self._few([min(c, 2) for c in caps], rates),
                     tokens_per_s=math.nan,
                     off_tokens_per_s=plan.off_tokens_per_s,
                 )
@@ -477,8 +521,16 @@ class AdaptiveSpecPolicy:
             and self._off_streak + 1 < self._probe_every
         )
 
+    def observe_step(self, num_requests: int, seconds: float) -> None:
+        """Between two full speculating plans: a sample of H (module docstring)."""
+        prev, cur = self._prev_full, self._full
+        if prev is not None and cur is not None:
+            h = seconds - prev.verify_s - cur.draft_s
+            self.overhead.observe(num_requests, max(h, 1e-6))
+
     def skip_plan(self) -> None:
         """A step ran without a plan while paused: a speculation-off plan for the schedules."""
+        self._prev_full = self._full = None
         self._num_plans += 1
         self._off_streak += 1
         self._skipped += 1

@@ -74,8 +74,10 @@ class DraftProposals:
     # [rows, V] distributions the sampled requests' drafts were drawn from (None: all greedy).
     probs: torch.Tensor | None = None
     prob_rows: dict[str, list[int]] = field(default_factory=dict)
-    # (drafting requests, seconds per draft forward) of a steady-state proposal, for the cost
-    # model: the proposal's wall time (host overhead included) over its number of forwards.
+    # (drafting requests, seconds per draft forward) for the cost model: on CUDA the mean time
+    # between events around each single-token forward (GPU time, or the host's when the GPU
+    # waits for it); elsewhere the proposal's wall time over its forwards. A first forward that
+    # was a catch-up prefill (more than 3 tokens per request) is left out.
     timings: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -180,6 +182,8 @@ class DraftProposer:
         if not reqs:
             return out
         t0 = time.perf_counter()
+        timer = _ForwardTimer(self.device)
+        timer.mark()
         last_hidden, num_fed = self._first_forward(reqs)
         # Drafting requests by num_spec descending: those still drafting at forward j are a
         # prefix, of length counts[j].
@@ -208,16 +212,43 @@ class DraftProposer:
                 hidden = self._run(drafts[:m, j - 1], pos, meta)  # feed d_j of the first m rows
             logits = self.model.compute_logits(hidden)  # [m, V] float32
             drafts[:m, j] = sampling.sample(logits, j)
+            timer.mark()
         # The proposal's one synchronization (unless penalties needed the history each forward).
         host = sampling.history if sampling.history is not None else drafts.tolist()
         for r, d in zip(drafting, host):
             out.token_ids[r.request_id] = d[: r.num_spec]
         out.probs, out.prob_rows = sampling.probs(drafting)
-        # Proposal time per draft forward, for the cost model; only in steady state (forward 1
-        # fed at most 3 tokens per request), not when it was a catch-up prefill.
-        if num_fed <= 3 * len(reqs):
+        steady = num_fed <= 3 * len(reqs)
+        per_forward = timer.per_forward(skip_first=not steady)
+        if per_forward is not None:
+            out.timings.append((len(drafting), per_forward))
+        elif steady:
             out.timings.append((len(drafting), (time.perf_counter() - t0) / kmax))
         return out
+
+
+class _ForwardTimer:
+    """CUDA events between a proposal's forwards (none elsewhere); read after the proposal's
+    synchronization, so timing adds none."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.events: list[torch.cuda.Event] | None = [] if device.type == "cuda" else None
+
+    def mark(self) -> None:
+        if self.events is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append(ev)
+
+    def per_forward(self, skip_first: bool) -> float | None:
+        """Mean seconds per forward (forward 1 left out if ``skip_first``); None without events
+        or forwards to time."""
+        if self.events is None:
+            return None
+        spans = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
+        if skip_first:
+            spans = spans[1:]
+        return sum(spans) / len(spans) / 1e3 if spans else None
 
 
 class _SingleTokenSteps:
