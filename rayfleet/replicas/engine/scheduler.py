@@ -350,10 +350,17 @@ class Scheduler:
     def routing_load(self) -> tuple[int, int]:
         """(queued prefill tokens, decode KV tokens): the load a replica reports to the router.
 
-        Queued prefill: prompt tokens of waiting and running requests not computed yet. Decode:
-        KV tokens of the running sequences past their prompt.
+        Queued prefill: tokens this replica still has to compute before the requests it holds
+        start decoding: running ones past their ``num_computed_tokens``, waiting ones past the
+        prefix-cache hit they would get now (a waiting request has not looked its prefix up yet,
+        so its ``num_computed_tokens`` is 0; counting its whole prompt made a replica whose queue
+        is full of cache hits look several times busier than it is). Decode: KV tokens of the
+        running sequences past their prompt.
         """
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        queued = 0
+        for r in self.waiting:
+            _, num_hit_tokens = self.kv.get_computed_blocks(r)  # a lookup: nothing is touched
+            queued += r.num_tokens - num_hit_tokens
         queued += sum(max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in self.running)
         decode = sum(
             r.num_computed_tokens
