@@ -534,11 +534,16 @@ def chat_fleet(sc: ChatScenario, seed: int) -> FleetConfig:
 
 # ---------------------------------------------------------------------------- driver
 
-# One weight changed at a time around the defaults (prefix_precise only).
+# One weight changed at a time around the defaults (prefix_precise only); miss_weight=1 with
+# externality_weight=0 is the cost model before those two terms existed (the previous defaults).
 SWEEP: list[dict[str, float]] = [
-    {"queue_weight": 0.25},
-    {"queue_weight": 0.5},
+    {"miss_weight": 1.0},
+    {"miss_weight": 2.0},
+    {"miss_weight": 4.0},
+    {"externality_weight": 0.0},
+    {"miss_weight": 1.0, "externality_weight": 0.0},
     {"decode_weight": 0.0},
+    {"decode_weight": 0.002},
     {"kv_pressure_tokens": 0.0},
 ]
 BENCH_KEYS = (
@@ -552,7 +557,7 @@ BENCH_KEYS = (
     "max_replica_share",
     "predicted_vs_actual",
 )
-CHAT_KEYS = ("offered_req_s", "throughput_req_s", *BENCH_KEYS[2:])
+CHAT_KEYS = ("offered_req_s", "throughput_req_s", "requests", *BENCH_KEYS[2:])
 
 
 def mean_over_seeds(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
