@@ -14,9 +14,9 @@ GetServerInfo for all LLM replicas. The same snapshot is what ``record_routing_s
 Serve for a request router, plus the replica's KV events.
 
 KV events (the router's second source of truth, next to its own predictions). The block pool
-records the hashes it caches and evicts; every stats pass drains them under the engine lock into
-``_event_net``, hash -> "held now?" (the pool's own map is the truth at drain time, so a hash
-stored then evicted within one period nets to removed, and evicted then recomputed to stored).
+records the hashes it caches and evicts; every stats pass drains them under the engine lock into a
+``KVEventLog`` (``engine/kv_events.py``), which nets them against the pool's map (a hash stored
+then evicted within one period nets to removed, evicted then recomputed to stored).
 Each ``record_routing_stats`` call (Serve's controller, every ``request_routing_stats_period_s``)
 seals the net changes into one batch with the next sequence number and returns the last
 ``KV_EVENT_WINDOW`` batches; the controller broadcasts them to every handle's router, which
@@ -30,15 +30,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from rayfleet.cluster.errors import ErrorKind, RequestError
 from rayfleet.cluster.request_codec import GenerationJob, StreamChunk
 from rayfleet.cluster.serve_config import ServeConfig
+from rayfleet.replicas.engine.kv_events import KVEventLog
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +102,8 @@ class LLMReplica:
         self._totals = {"prompt": 0, "generated": 0, "cached": 0, "aborts": 0}
         self._flushed = dict(self._totals)
         self._flushed_preemptions = 0
-        # hash -> held now? (net KV changes since the last sealed batch; see module docstring)
-        self._event_net: dict[int, bool] = {}
-        self._event_lock = threading.Lock()  # _collect runs in worker threads
-        self._event_batches: deque[tuple[int, list[int], list[int]]] = deque(maxlen=KV_EVENT_WINDOW)
-        self._event_seq = 0
+        # Net KV changes since the last sealed batch, and the window of sealed batches.
+        self._kv_events = KVEventLog(KV_EVENT_WINDOW)
         self._snapshot: dict[str, Any] = self._collect()
         self._stats_task: asyncio.Task | None = None
         self._closed = False
@@ -204,20 +200,8 @@ class LLMReplica:
             "queued_prefill_tokens": s["queued_prefill_tokens"],
             "decode_tokens": s["decode_tokens"],
             "num_kv_blocks": s["num_kv_blocks"],
-            "kv_events": self._seal_kv_events(),
+            "kv_events": self._kv_events.seal(),
         }
-
-    def _seal_kv_events(self) -> list[tuple[int, list[int], list[int]]]:
-        """Turn the net changes since the last call into batch ``seq + 1`` (if any) and return
-        the window, oldest first."""
-        with self._event_lock:
-            net, self._event_net = self._event_net, {}
-            if net:
-                self._event_seq += 1
-                stored = [h for h, held in net.items() if held]
-                removed = [h for h, held in net.items() if not held]
-                self._event_batches.append((self._event_seq, stored, removed))
-            return list(self._event_batches)
 
     def check_health(self) -> None:
         dead = self._engine.failure
@@ -245,25 +229,11 @@ class LLMReplica:
             # Between steps, so the scheduler and its requests are consistent; the KV events are
             # netted against the pool's map while the engine cannot change it (module docstring).
             sched = engine.scheduler
-            pool = sched.pool
-            stored, removed = pool.take_events()
-            changes = {h: h in pool.cached for h in (*removed, *stored)}
-            queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
-            queued += sum(
-                max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in sched.running
-            )
-            # KV tokens of the sequences past their prompt (the policy's decode load).
-            decode = sum(
-                r.num_computed_tokens
-                for r in sched.running
-                if r.num_computed_tokens >= r.num_prompt_tokens
-            )
-            return sched.stats(), changes, pool.num_usable_blocks, queued, decode
+            self._kv_events.drain(sched.pool)
+            queued, decode = sched.routing_load()
+            return sched.stats(), sched.pool.num_usable_blocks, queued, decode
 
-        st, changes, num_kv_blocks, queued, decode = self._engine.run_locked(snapshot)
-        if changes:
-            with self._event_lock:
-                self._event_net.update(changes)
+        st, num_kv_blocks, queued, decode = self._engine.run_locked(snapshot)
         return {
             "replica_id": self.replica_id,
             "time": time.time(),

@@ -17,7 +17,17 @@ from rayfleet.router.policy import (
 )
 
 BS = 16
-W = PolicyWeights(queue_weight=1.0, decode_weight=0.05, tie_tolerance_tokens=16.0)
+# Each term on its own, with round numbers: a miss costs only its prefill (no copy premium, no
+# externality), decode and KV pressure on. The defaults' extra terms are tested below.
+W = PolicyWeights(
+    queue_weight=1.0,
+    miss_weight=1.0,
+    externality_weight=0.0,
+    decode_weight=0.05,
+    kv_pressure_tokens=4096.0,
+    tie_tolerance_tokens=16.0,
+)
+D = PolicyWeights()  # the defaults
 IDLE = ReplicaLoad()
 
 
@@ -80,8 +90,10 @@ def test_kv_pressure_and_speed() -> None:
     assert d.replica == "b"  # 4096 penalty > 64 tokens saved
     assert d.scores["a"] == pytest.approx(4096.0)
     # A replica twice as fast clears twice the queue in the same time.
-    loads = {"fast": ReplicaLoad(queued_prefill_tokens=3000, speed=2.0),
-             "slow": ReplicaLoad(queued_prefill_tokens=1600)}
+    loads = {
+        "fast": ReplicaLoad(queued_prefill_tokens=3000, speed=2.0),
+        "slow": ReplicaLoad(queued_prefill_tokens=1600),
+    }
     d = choose_replica({}, loads, request_blocks=10, block_size=BS, weights=W)
     assert d.scores == {"fast": 1580.0, "slow": 1760.0} and d.replica == "fast"
 
@@ -150,6 +162,65 @@ def test_weights_validate() -> None:
         PolicyWeights(queue_weight=-1.0)
     with pytest.raises(ValueError):
         PolicyWeights(kv_threshold=1.0)
+    with pytest.raises(ValueError):
+        PolicyWeights(miss_weight=0.5)
+    with pytest.raises(ValueError):
+        PolicyWeights(externality_weight=-1.0)
+
+
+# ------------------------------------------------------------------ the defaults' miss cost
+# A tenant prefix of 144 blocks + 8 blocks of query (2432 tokens): its holder misses 128 tokens.
+TENANT = 152
+
+
+def test_one_queued_cold_prompt_does_not_give_the_tenant_away() -> None:
+    # The bench at 12 req/s: the holder just got another tenant's cold 2416-token prompt, the
+    # others are idle. Its own latency is a tie (2416 + 128 vs 2432), but the miss would copy the
+    # tenant's prefix: by prefill alone (W) it went to the idle replica, by the default cost not.
+    loads = {"a": ReplicaLoad(queued_prefill_tokens=2416), "b": IDLE, "c": IDLE}
+    assert choose_replica({"a": 144}, loads, TENANT, BS, W).replica == "b"
+    d = choose_replica({"a": 144}, loads, TENANT, BS, D)
+    assert (d.replica, d.reason, d.matched_blocks) == ("a", "prefix", 144)
+    assert d.scores == pytest.approx({"a": 2416 + 128 * (3 + 2416 / 2432), "b": 7296, "c": 7296})
+
+
+def test_under_load_a_hit_is_given_away_only_to_a_fraction_of_its_holders_queue() -> None:
+    # Every replica busy: the holder's queue is 8k tokens longer than the other's (about the
+    # staleness of a snapshot), which by prefill alone gives the hit away.
+    loads = {
+        "a": ReplicaLoad(queued_prefill_tokens=20_000),
+        "b": ReplicaLoad(queued_prefill_tokens=12_000),
+    }
+    assert choose_replica({"a": 144}, loads, TENANT, BS, W).replica == "b"
+    d = choose_replica({"a": 144}, loads, TENANT, BS, D)
+    assert d.replica == "a"
+    # b's miss also delays the ~12000/2432 requests that will queue behind it there.
+    assert d.scores["b"] == pytest.approx(12_000 + 2432 * (3 + 12_000 / 2432))
+    # Once the holder's queue is about 2.5 times the other's, the hit goes (per request).
+    loads["a"] = ReplicaLoad(queued_prefill_tokens=30_000)
+    assert choose_replica({"a": 144}, loads, TENANT, BS, D).replica == "b"
+
+
+def test_an_idle_replica_still_takes_a_hot_tenants_overflow() -> None:
+    # The holder's queue is 3 prompts long and the other replica idle: spread the tenant.
+    loads = {"a": ReplicaLoad(queued_prefill_tokens=3 * 2432 + 100), "b": IDLE}
+    d = choose_replica({"a": 144}, loads, TENANT, BS, D)
+    assert (d.replica, d.reason) == ("b", "load")
+    assert d.scores["b"] == 3 * 2432
+    # One prompt less and it stays.
+    loads = {"a": ReplicaLoad(queued_prefill_tokens=2 * 2432 + 100), "b": IDLE}
+    assert choose_replica({"a": 144}, loads, TENANT, BS, D).replica == "a"
+
+
+def test_default_miss_everywhere_is_still_least_loaded_in_tokens() -> None:
+    loads = {
+        "a": ReplicaLoad(queued_prefill_tokens=8000),
+        "b": ReplicaLoad(queued_prefill_tokens=300),
+        "c": ReplicaLoad(queued_prefill_tokens=301),
+    }
+    d = choose_replica({}, loads, 10, BS, D)
+    assert (d.replica, d.reason) == ("b", "load")
+    assert sorted(d.scores, key=d.scores.get) == ["b", "c", "a"]
 
 
 # ------------------------------------------------------------------ RouterCore / closed loop

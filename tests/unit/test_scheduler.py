@@ -157,3 +157,22 @@ def test_prompt_larger_than_pool_is_rejected():
 
     with pytest.raises(ValueError, match="pool holds only 8"):
         s.add_request(req("a", 20))
+
+
+def test_routing_load_counts_waiting_requests_net_of_their_cache_hits():
+    # Room for one request at a time: the others wait behind it.
+    s = make_sched(max_num_seqs=1)
+    s.add_request(req("a", 33))
+    run_step(s)  # a's 8 full blocks are cached; a decodes
+    b = req("b", 37)
+    b.prompt_token_ids[32:] = [900, 901, 902, 903, 904]
+    s.add_request(b)  # shares a's first 32 tokens, then 5 of its own
+    s.add_request(req("c", 10, base=500))  # nothing cached
+    assert [r.request_id for r in s.waiting] == ["b", "c"]
+    # b: 37 - 32 cached; c: all 10; a decodes with 34 KV tokens computed.
+    assert s.routing_load() == (5 + 10, 33)
+    # Nothing was touched by the lookup: b still gets its hit when it runs.
+    while "a" in s.requests:
+        run_step(s)
+    run_step(s)
+    assert s.requests["b"].num_cached_tokens == 32

@@ -269,3 +269,27 @@ def test_block_size_mismatch_is_an_error() -> None:
     st.decide(hint("r0", PREFIX), views("a"))
     with pytest.raises(ValueError, match="block_size"):
         st.decide(RoutingHint("r1", (), 32, 10), views("a"))
+
+
+def test_a_cold_prompt_just_sent_to_the_holder_does_not_move_its_tenant() -> None:
+    # Two replicas: a holds tenant t's 8-block prefix (confirmed), b has 100 tokens queued.
+    # Another tenant's cold 300-token prompt goes to a (less loaded) after the snapshots were
+    # taken, so the router counts it as a's pending prefill. t's next request (10 blocks, 8 held
+    # by a): by its own latency b was cheaper (100 + 160 vs 300 + 32), but the miss would copy
+    # t's prefix to b and delay b's queue. It stays on a.
+    clock = Clock()
+    st = RoutingState("prefix_precise", clock=clock)
+    prefix = hint("t0", PREFIX + [1], tenant="t")
+    st.decide(hint("x", [5, 6], tenant="x"), views("a", "b"))  # creates the core
+    st.on_stats([ReplicaView("a", {"kv_events": [(1, list(prefix.block_hashes), [])]})])
+    snap = {"a": {"time": clock.t}, "b": {"time": clock.t, "queued_prefill_tokens": 100}}
+    clock.t += 0.1
+    cold = st.decide(hint("u0", list(range(5000, 5300)), tenant="u"), views("a", "b", **snap))
+    assert (cold.decision.replica, cold.decision.matched_blocks) == ("a", 0)
+    t1 = hint("t1", PREFIX + list(range(40)), tenant="t")
+    assert len(t1.block_hashes) == 10
+    r = st.decide(t1, views("a", "b", **snap))
+    assert (r.decision.replica, r.decision.matched_blocks) == ("a", 8)
+    assert r.decision.scores == pytest.approx(
+        {"a": 300 + 2 * BS * (3 + 300 / 160), "b": 100 + 10 * BS * (3 + 100 / 160)}
+    )

@@ -205,9 +205,7 @@ class Scheduler:
             or req.num_tokens + req.num_pending_tokens >= self.max_model_len
         ):
             return 0  # its in-flight token is its last: it finishes when that arrives
-        n = min(
-            req.num_tokens_with_spec + req.num_pending_tokens - req.num_computed_tokens, budget
-        )
+        n = min(req.num_tokens_with_spec + req.num_pending_tokens - req.num_computed_tokens, budget)
         if self.long_prefill_token_threshold:
             n = min(n, self.long_prefill_token_threshold)
         return min(n, self.max_model_len - req.num_computed_tokens)
@@ -348,6 +346,28 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
         )
+
+    def routing_load(self) -> tuple[int, int]:
+        """(queued prefill tokens, decode KV tokens): the load a replica reports to the router.
+
+        Queued prefill: tokens this replica still has to compute before the requests it holds
+        start decoding: running ones past their ``num_computed_tokens``, waiting ones past the
+        prefix-cache hit they would get now (a waiting request has not looked its prefix up yet,
+        so its ``num_computed_tokens`` is 0; counting its whole prompt made a replica whose queue
+        is full of cache hits look several times busier than it is). Decode: KV tokens of the
+        running sequences past their prompt.
+        """
+        queued = 0
+        for r in self.waiting:
+            _, num_hit_tokens = self.kv.get_computed_blocks(r)  # a lookup: nothing is touched
+            queued += r.num_tokens - num_hit_tokens
+        queued += sum(max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in self.running)
+        decode = sum(
+            r.num_computed_tokens
+            for r in self.running
+            if r.num_computed_tokens >= r.num_prompt_tokens
+        )
+        return queued, decode
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
