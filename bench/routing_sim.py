@@ -33,13 +33,46 @@ Scenarios:
 ``chat``   Zipf(1) tenants (4 per replica) with multi-turn users (6k-token system prompt, 256-token
            queries, 64-token answers, chats restart after 4 turns), N replicas with a GPU each,
            4096 blocks of KV each; Poisson arrivals for ``duration_s`` at a rate per replica;
-           requests arriving in the first ``warmup_frac`` are not measured. Hot tenants need
-           several replicas: this is where too much affinity would pile them up.
+           requests arriving in the first ``warmup_frac`` (30 %) are not measured. Hot tenants
+           need several replicas: this is where too much affinity would pile them up (the hottest
+           of 32 tenants on 8 replicas asks for 25 % of the load, 2 replicas' worth; the hottest
+           of 1024 on 256 replicas for 13 %, 34 replicas' worth).
+
+           The grid (``CHAT_GRID``, ``CHAT_RATES``): 8, 32, 64 and 256 replicas x 4, 8 and 14
+           req/s per replica x every mode, seed 0. At 4 every mode about keeps up; at 8 the modes
+           that ignore the cache (round_robin, least_loaded: 0.18-0.53 hit rate) are past their
+           capacity, at 14 far past it, while the prefix modes keep up at every size. Each run
+           pushes about replicas x rate x duration requests through the Schedulers and the router
+           (whose cost per request grows with the fleet), so the large fleets simulate less time:
+           30 / 15 / 10 / 10 s at 8 / 32 / 64 / 256 replicas (256 x 14 is 35k requests: 94-153 s
+           per mode on one core, 3 GB). 3 s of warm-up does not quite reach the steady state; the
+           short runs are pessimistic for the prefix modes: with 20 s instead of 10 s,
+           prefix_precise at 64 x 8 serves 517 instead of 538 req/s of 505 offered (warm-up
+           requests the cold start delayed finish in the window), with TTFT p90 0.085 instead of
+           0.126 s and hit rate 0.953 instead of 0.940; at 256 x 4, 0.126 instead of 0.172 s and
+           0.943 instead of 0.916 (the Zipf tail's first requests, cold for any router, fall
+           inside a short window: oracle 0.951 instead of 0.923). A saturated mode's queue grows
+           as long as requests arrive, so its TTFT p90 (8-37 s) says how far behind it is after
+           ``duration_s``, not a steady state (round_robin at 64 x 8: 8.0 s at 10 s, 15.9 s at 20).
+           The weight sweep (``CHAT_SWEEP_CASES``): prefix_precise at 8 x 14, 32 x 8 and 32 x 14
+           for ``--seeds`` seeds, one weight changed at a time (``SWEEP``).
 
 Oracle hit rate (both): cached / prompt tokens of an ideal router with unbounded KV, where a
 request hits every full block it shares with any earlier request (timing ignored: an upper bound).
+It is a bound on the hit rate only; there is no oracle routing mode.
 
-    python bench/routing_sim.py                # bench replay (3 seeds) + chat grid + weight sweep
+Cost: every (scenario, seed) workload is built once and replayed on a fresh fleet per mode /
+weights; a chat prompt's hash chain extends its previous turn's (the same hashes as hashing the
+whole prompt); a replica's snapshot reaches ``RoutingState.on_stats`` alone (the other replicas' are
+unchanged, so the router ends in the same state as with Serve's full broadcast). None of this
+changes a result: the bench replay, both sweeps and the 8 and 32 replica grid rows are identical
+to those of the version before the 64 and 256 replica grid (commit 4d98223).
+
+    python bench/routing_sim.py                # everything: bench replay (3 seeds) + sweep, chat
+                                               # grid (8-256 replicas) + sweep; JSON and the
+                                               # grid's PNG in bench/results; ~12 min, 2 workers
+    python bench/routing_sim.py --scenario chat --no-sweep --seeds 1 --replicas 64,256 \\
+        --output /tmp/scale.json               # the scale grid only (+ the 3 sweep cases' defaults)
     python bench/routing_sim.py --quick        # bench replay, 1 seed, default weights only
     python bench/routing_sim.py --scenario bench --weight queue_weight=0.5 --seeds 1
 """
@@ -119,10 +152,27 @@ class Item:
 
 
 def make_item(
-    rid: str, tenant: str, session: str, prompt: list[int], mode: str, max_tokens: int, bs: int
+    rid: str,
+    tenant: str,
+    session: str,
+    prompt: list[int],
+    mode: str,
+    max_tokens: int,
+    bs: int,
+    chain: list[int] | None = None,
 ) -> Item:
-    chain = hash_blocks(prompt, bs, tenant=tenant)
+    """``chain``: the prompt's block hashes when the caller already has them."""
+    if chain is None:
+        chain = hash_blocks(prompt, bs, tenant=tenant)
     return Item(rid, tenant, session, prompt, chain, mode, max_tokens)
+
+
+def extend_chain(chain: list[int], tokens: list[int], bs: int, tenant: str) -> list[int]:
+    """The chain of ``tokens`` given ``chain``, the chain of a prefix of them: only the blocks
+    past ``chain`` are hashed (the same hashes as ``hash_blocks(tokens, bs, tenant=tenant)``)."""
+    if not chain:
+        return hash_blocks(tokens, bs, tenant=tenant)
+    return chain + hash_blocks(tokens, bs, parent=chain[-1], start_block=len(chain))
 
 
 # ---------------------------------------------------------------------------- the fleet
@@ -165,6 +215,9 @@ class Fleet:
             clock=lambda: self.now,
         )
         self.replicas = {f"r{i}": Replica(f"r{i}", i % cfg.gpus, cfg) for i in range(cfg.replicas)}
+        self._views: dict[str, ReplicaView] = {}  # what Serve shows the router, kept current
+        for r in self.replicas.values():
+            self.view(r)
         self.on_gpu: list[list[Replica]] = [[] for _ in range(cfg.gpus)]
         self.gpu_gen = [0] * cfg.gpus
         self.gpu_last = [0.0] * cfg.gpus
@@ -231,6 +284,7 @@ class Fleet:
                 self.push(it.done, self.REPORT, (it, True))
                 del rep.items[req.request_id]
                 rep.ongoing -= 1
+                self.view(rep)
         self.start_step(rep)
 
     def snapshot(self, rep: Replica) -> dict[str, Any]:
@@ -250,11 +304,13 @@ class Fleet:
             "kv_events": rep.events.seal(),
         }
 
+    def view(self, r: Replica) -> ReplicaView:
+        """Refresh ``r``'s candidate entry (after its stats or queue length changed)."""
+        v = self._views[r.name] = ReplicaView(r.name, r.stats, r.ongoing, self.cfg.max_ongoing)
+        return v
+
     def views(self) -> list[ReplicaView]:
-        return [
-            ReplicaView(r.name, r.stats, r.ongoing, self.cfg.max_ongoing)
-            for r in self.replicas.values()
-        ]
+        return list(self._views.values())
 
     def arrive(self, it: Item) -> None:
         bs = self.cfg.block_size
@@ -268,6 +324,7 @@ class Fleet:
         )
         rep = self.replicas[self.router.decide(hint, self.views()).decision.replica]
         rep.ongoing += 1
+        self.view(rep)
         it.replica = rep.name
         self.push(self.now + self.cfg.net_delay_s, self.ADMIT, (rep, it))
 
@@ -319,7 +376,9 @@ class Fleet:
         elif kind == self.STATS_SEEN:
             rep, stats = p
             rep.stats = stats
-            self.router.on_stats(self.views())
+            # Only this replica's snapshot changed: passing the others too (as Serve's broadcast
+            # does) leaves the router in the same state, at O(replicas) per snapshot.
+            self.router.on_stats([self.view(rep)])
         else:  # REPORT: the ingress saw the first token / the end
             it, finished = p
             if finished:
@@ -453,8 +512,10 @@ def chat_workload(sc: ChatScenario, seed: int, mode: str, bs: int) -> list[Item]
         cum.append(acc)
     tokens = lambda n: [rng.randrange(10, 32000) for _ in range(n)]  # noqa: E731
     prefixes = [tokens(sc.prefix_len) for _ in range(n_tenants)]
+    prefix_chains: dict[int, list[int]] = {}  # hashed when the tenant first shows up
     answer = [SAMPLED_TOKEN] * sc.output_len  # what the simulated engine generates
-    chats: dict[tuple[int, int], tuple[list[int], int]] = {}  # user -> (history, turns)
+    # user -> (history, its chain, turns); chains are extended, not rehashed (same hashes)
+    chats: dict[tuple[int, int], tuple[list[int], list[int], int]] = {}
     items: list[Item] = []
     t = 0.0
     rate = sc.rate_per_replica * sc.replicas
@@ -464,13 +525,18 @@ def chat_workload(sc: ChatScenario, seed: int, mode: str, bs: int) -> list[Item]
             break
         tenant = bisect.bisect_left(cum, rng.random() * acc)
         user = rng.randrange(sc.users_per_tenant)
-        history, turns = chats.get((tenant, user), (prefixes[tenant], 0))
-        if turns >= sc.max_turns:
-            history, turns = prefixes[tenant], 0
+        name = f"t{tenant}"
+        history, chain, turns = chats.get((tenant, user), (prefixes[tenant], [], 0))
+        if turns >= sc.max_turns or not chain:
+            if tenant not in prefix_chains:
+                prefix_chains[tenant] = hash_blocks(prefixes[tenant], bs, tenant=name)
+            history, chain, turns = prefixes[tenant], prefix_chains[tenant], 0
         prompt = history + tokens(sc.query_len)
-        chats[(tenant, user)] = (prompt + answer, turns + 1)
+        chain = extend_chain(chain, prompt, bs, name)
+        full = prompt + answer
+        chats[(tenant, user)] = (full, extend_chain(chain, full, bs, name), turns + 1)
         it = make_item(
-            f"c{len(items)}", f"t{tenant}", f"t{tenant}/u{user}", prompt, mode, sc.output_len, bs
+            f"c{len(items)}", name, f"{name}/u{user}", prompt, mode, sc.output_len, bs, chain
         )
         it.arrival = t
         items.append(it)
@@ -495,31 +561,44 @@ def chat_oracle(items: Sequence[Item], sc: ChatScenario, bs: int) -> list[int]:
     return out
 
 
-def run_chat(job: tuple[ChatScenario, FleetConfig, PolicyWeights, str, str]) -> dict[str, Any]:
-    sc, cfg, weights, mode, tag = job
+# A chat run: (weights, mode, tags); one row per tag ("grid", "sweep"), one run for all of them.
+ChatVariant = tuple[PolicyWeights, str, tuple[str, ...]]
+
+
+def run_chat(job: tuple[ChatScenario, FleetConfig, list[ChatVariant]]) -> list[dict[str, Any]]:
+    """One workload (and its oracle), replayed on a fresh fleet for each variant."""
+    sc, cfg, variants = job
     t0 = time.perf_counter()
-    fleet = Fleet(cfg, weights)
-    items = chat_workload(sc, cfg.seed, mode, cfg.block_size)
-    oracle = chat_oracle(items, sc, cfg.block_size)
-    fleet.run(items)
+    workload = chat_workload(sc, cfg.seed, "", cfg.block_size)
+    oracle = chat_oracle(workload, sc, cfg.block_size)
+    workload_s = time.perf_counter() - t0
     lo, hi = sc.warmup_frac * sc.duration_s, sc.duration_s
-    meas = [(it, o) for it, o in zip(items, oracle) if it.arrival >= lo]
-    done = sum(1 for it in items if lo <= it.done < hi)
-    return {
-        "scenario": "chat",
-        "tag": tag,
-        "mode": mode,
-        "replicas": sc.replicas,
-        "rate_per_replica": sc.rate_per_replica,
-        "seed": cfg.seed,
-        "offered_req_s": round(len(meas) / (hi - lo), 2),
-        "throughput_req_s": round(done / (hi - lo), 2),
-        **measure([it for it, _ in meas], sum(o for _, o in meas)),
-        "predicted_vs_actual": drift(fleet.router, mode),
-        "weights": dataclasses.asdict(weights),
-        "sim_wall_s": round(time.perf_counter() - t0, 1),
-        "requests": len(items),
-    }
+    out = []
+    for weights, mode, tags in variants:
+        t1 = time.perf_counter()
+        fleet = Fleet(cfg, weights)
+        items = [dataclasses.replace(it, mode=mode) for it in workload]
+        fleet.run(items)
+        meas = [(it, o) for it, o in zip(items, oracle) if it.arrival >= lo]
+        done = sum(1 for it in items if lo <= it.done < hi)
+        row = {
+            "scenario": "chat",
+            "mode": mode,
+            "replicas": sc.replicas,
+            "rate_per_replica": sc.rate_per_replica,
+            "duration_s": sc.duration_s,
+            "seed": cfg.seed,
+            "offered_req_s": round(len(meas) / (hi - lo), 2),
+            "throughput_req_s": round(done / (hi - lo), 2),
+            **measure([it for it, _ in meas], sum(o for _, o in meas)),
+            "predicted_vs_actual": drift(fleet.router, mode),
+            "weights": dataclasses.asdict(weights),
+            "sim_wall_s": round(time.perf_counter() - t1 + workload_s / len(variants), 1),
+            "requests": len(items),
+        }
+        out += [{"tag": tag, **row} for tag in tags]
+        del fleet, items
+    return out
 
 
 def chat_fleet(sc: ChatScenario, seed: int) -> FleetConfig:
@@ -558,6 +637,13 @@ BENCH_KEYS = (
     "predicted_vs_actual",
 )
 CHAT_KEYS = ("offered_req_s", "throughput_req_s", "requests", *BENCH_KEYS[2:])
+# Chat grid: fleet size -> duration_s (all modes, every rate, seed 0). A run costs about
+# replicas x rate x duration requests through the Schedulers and the router (whose cost per
+# request grows with the fleet), so the large fleets run shorter; at 10 s (3 s warm-up) some of
+# the start-up transient is left in the window, against the prefix modes (module docstring).
+CHAT_GRID: dict[int, float] = {8: 30.0, 32: 15.0, 64: 10.0, 256: 10.0}
+CHAT_RATES = (4.0, 8.0, 14.0)
+CHAT_SWEEP_CASES = ((8, 14.0), (32, 8.0), (32, 14.0))  # (replicas, rate) of the weight sweep
 
 
 def mean_over_seeds(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -580,7 +666,7 @@ def mean_over_seeds(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dic
 
 def run_job(job: tuple[str, Any]) -> list[dict[str, Any]]:
     kind, args = job
-    return run_bench(args) if kind == "bench" else [run_chat(args)]
+    return run_bench(args) if kind == "bench" else run_chat(args)
 
 
 def parse_overrides(pairs: Sequence[str], base: PolicyWeights) -> PolicyWeights:
@@ -599,6 +685,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--weight", action="append", default=[], help="PolicyWeights FIELD=VALUE")
+    ap.add_argument(
+        "--replicas",
+        default=",".join(map(str, CHAT_GRID)),
+        help="chat grid fleet sizes, comma-separated (durations from CHAT_GRID, else 10 s)",
+    )
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
@@ -607,6 +698,7 @@ def main() -> None:
     sweep = [] if args.quick or args.no_sweep else SWEEP
     do_bench = args.scenario in ("all", "bench") or args.quick
     do_chat = args.scenario in ("all", "chat") and not args.quick
+    grid_sizes = [int(n) for n in args.replicas.split(",") if n] if do_chat else []
     jobs: list[tuple[str, Any]] = []
     for s in seeds if do_bench else ():
         jobs.append(("bench", (BenchScenario(), FleetConfig(seed=s), weights)))
@@ -615,28 +707,40 @@ def main() -> None:
             precise = BenchScenario(modes=("prefix_precise",))
             jobs.append(("bench", (precise, FleetConfig(seed=s), w)))
     if do_chat:
-        for n, dur in ((8, 30.0), (32, 15.0)):
-            for rate in (4.0, 8.0, 14.0):
+        chat: dict[tuple[ChatScenario, int], dict[tuple[PolicyWeights, str], list[str]]] = {}
+        for n in grid_sizes:
+            for rate in CHAT_RATES:
+                dur = CHAT_GRID.get(n, 10.0)
                 sc = ChatScenario(replicas=n, rate_per_replica=rate, duration_s=dur)
-                jobs += [("chat", (sc, chat_fleet(sc, 0), weights, m, "grid")) for m in MODES]
-        cases = [(8, 14.0, 30.0), (32, 8.0, 15.0), (32, 14.0, 15.0)]
-        for (n, rate, dur), s in ((c, s) for c in cases for s in seeds):
-            sc = ChatScenario(replicas=n, rate_per_replica=rate, duration_s=dur)
+                for m in MODES:
+                    chat.setdefault((sc, 0), {}).setdefault((weights, m), []).append("grid")
+        for (n, rate), s in ((c, s) for c in CHAT_SWEEP_CASES for s in seeds):
+            sc = ChatScenario(replicas=n, rate_per_replica=rate, duration_s=CHAT_GRID.get(n, 10.0))
             for w in [weights] + [dataclasses.replace(weights, **o) for o in sweep]:
-                jobs.append(("chat", (sc, chat_fleet(sc, s), w, "prefix_precise", "sweep")))
+                runs = chat.setdefault((sc, s), {})
+                runs.setdefault((w, "prefix_precise"), []).append("sweep")
+        # one job per workload (its variants share it); the costliest first, to balance workers
+        chat_jobs = [
+            (sc, chat_fleet(sc, s), [(w, m, tuple(tags)) for (w, m), tags in runs.items()])
+            for (sc, s), runs in chat.items()
+        ]
+        chat_jobs.sort(
+            key=lambda j: -j[0].replicas * j[0].rate_per_replica * j[0].duration_s * len(j[2])
+        )
+        jobs = [("chat", j) for j in chat_jobs] + jobs
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with Pool(args.workers) as pool:
         for out in pool.imap_unordered(run_job, jobs):
             rows += out
-            r = out[-1]
-            print(
-                f"[{time.perf_counter() - t0:6.1f}s] {r['scenario']} {r.get('tag', '')} "
-                f"seed {r['seed']} {r['mode']} {r.get('replicas', '')} "
-                f"{r.get('rate_per_replica', r.get('rate'))} hit {r['hit_rate']} "
-                f"({r['sim_wall_s']}s)",
-                flush=True,
-            )
+            for r in out if out[0]["scenario"] == "chat" else out[-1:]:
+                print(
+                    f"[{time.perf_counter() - t0:6.1f}s] {r['scenario']} {r.get('tag', '')} "
+                    f"seed {r['seed']} {r['mode']} {r.get('replicas', '')} "
+                    f"{r.get('rate_per_replica', r.get('rate'))} hit {r['hit_rate']} "
+                    f"({r['sim_wall_s']}s)",
+                    flush=True,
+                )
     default = dataclasses.asdict(weights)
     bench = mean_over_seeds([r for r in rows if r["scenario"] == "bench"], BENCH_KEYS)
     chat = [r for r in rows if r["scenario"] == "chat"]
@@ -649,6 +753,8 @@ def main() -> None:
         "fleet": dataclasses.asdict(FleetConfig()),
         "bench_scenario": {**dataclasses.asdict(BenchScenario()), "seeds": len(seeds)},
         "chat_scenario": dataclasses.asdict(ChatScenario()),
+        "chat_grid_duration_s": {str(n): CHAT_GRID.get(n, 10.0) for n in grid_sizes},
+        "chat_rates_per_replica": list(CHAT_RATES),
         "wall_s": round(time.perf_counter() - t0, 1),
         "bench_replay": [r for r in bench if r["weights"] == default],
         "bench_weight_sweep": [r for r in bench if r["weights"] != default],
@@ -656,7 +762,10 @@ def main() -> None:
             (r for r in chat if r["tag"] == "grid"),
             key=lambda r: (r["replicas"], r["rate_per_replica"], MODES.index(r["mode"])),
         ),
-        "chat_weight_sweep": mean_over_seeds([r for r in chat if r["tag"] == "sweep"], CHAT_KEYS),
+        "chat_weight_sweep": sorted(  # per case, the weights in SWEEP order (defaults first)
+            mean_over_seeds([r for r in chat if r["tag"] == "sweep"], CHAT_KEYS),
+            key=lambda r: (r["replicas"], r["rate_per_replica"]),
+        ),
     }
     if args.output:
         path = Path(args.output)
@@ -666,6 +775,8 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=2) + "\n")
     print_tables(out)
     print(f"wrote {path} in {out['wall_s']}s")
+    if out["chat_grid"]:
+        plot(out["chat_grid"], path.with_suffix(".png"))
 
 
 def _changed(w: dict[str, float], default: dict[str, float]) -> str:
@@ -715,6 +826,72 @@ def print_tables(out: dict[str, Any]) -> None:
                 for r in rs
             )
             print(f"| {name} | {cells} |")
+
+
+STYLE: dict[str, dict[str, Any]] = {  # prefix_approx often lies on prefix_precise: dashed on top
+    "round_robin": {"marker": "o"},
+    "least_loaded": {"marker": "s"},
+    "prefix_approx": {"marker": "^", "linestyle": "--", "zorder": 3},
+    "prefix_precise": {"marker": "o", "linewidth": 2.5},
+}
+
+
+def plot(grid: list[dict[str, Any]], path: Path) -> None:
+    """The chat grid: throughput, TTFT p90 and hit rate vs offered load, a column per fleet size,
+    a line per mode (dashed grey: the oracle hit rate; dotted: served = offered)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    sizes = sorted({r["replicas"] for r in grid})
+    metrics = (
+        ("throughput_req_s", "served (req/s)"),
+        ("ttft_p90_s", "TTFT p90 (s)"),
+        ("hit_rate", "prefix hit rate"),
+    )
+    fig, axes = plt.subplots(len(metrics), len(sizes), figsize=(4 * len(sizes), 9), squeeze=False)
+    for j, n in enumerate(sizes):
+        rows = [r for r in grid if r["replicas"] == n]
+        dur = rows[0]["duration_s"]
+        for i, (key, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for mode in MODES:
+                pts = [
+                    (r["offered_req_s"], r[key])
+                    for r in rows
+                    if r["mode"] == mode and r[key] is not None
+                ]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), label=mode, **STYLE.get(mode, {}))
+            oracle = sorted(
+                {(r["offered_req_s"], r["oracle_hit_rate"]) for r in rows if r["mode"] == MODES[0]}
+            )
+            if key == "throughput_req_s":
+                xs = [x for x, _ in oracle]
+                ax.plot(xs, xs, ":", color="grey", label="offered")
+            if key == "hit_rate":
+                ax.plot(*zip(*oracle), "--", color="grey", label="oracle")
+                ax.set_ylim(0, 1)
+            if key == "ttft_p90_s":
+                ax.set_yscale("log")
+            if i == 0:
+                ax.set_title(f"{n} replicas ({dur:g} s)")
+            if i == len(metrics) - 1:
+                ax.set_xlabel("offered load (req/s)")
+            if j == 0:
+                ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    axes[-1][0].legend(fontsize=7)
+    fig.suptitle("routing sim, chat grid (engine Scheduler per replica, real RoutingState)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
