@@ -383,6 +383,7 @@ def paged_attention(
     return out
 
 
+@register("attention_warm_up", "triton")
 def warm_up(
     num_heads: int,
     num_kv_heads: int,

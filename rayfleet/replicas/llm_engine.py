@@ -209,8 +209,11 @@ class Engine:
         )
         self.num_blocks, self.memory_report = self._size_kv_cache()
         self.runner.allocate_kv_cache(self.num_blocks)
-        if self.device.type == "cuda" and backend == "triton":
-            self._warm_up_attention([self.model.arch] + ([proposer.arch] if proposer else []))
+        # A backend that compiles kernels per batch shape registers a warm-up (Triton does).
+        warm_up = kernels.get_fused("attention_warm_up", backend)
+        if warm_up is not None and self.device.type == "cuda":
+            archs = [self.model.arch] + ([proposer.arch] if proposer else [])
+            self._warm_up_attention(warm_up, archs)
         if self._cuda_graphs_usable():
             self._capture_target_graphs(num_spec)
             if proposer is not None:
@@ -257,17 +260,15 @@ class Engine:
         atexit.unregister(gc.unfreeze)
         atexit.register(gc.unfreeze)
 
-    def _warm_up_attention(self, archs: list) -> None:
-        """Compile the Triton attention variants every model's head layout can select now, not
-        in the middle of a step (eager steps of new shapes would each pay a compile)."""
-        from rayfleet.kernels import triton_attention
-
+    def _warm_up_attention(self, warm_up: Callable[..., int], archs: list) -> None:
+        """Compile the attention variants every model's head layout can select now, not in the
+        middle of a step (eager steps of new shapes would each pay a compile)."""
         t0 = time.perf_counter()
         launches = 0
         for arch in archs:
             windows = {arch.layer_sliding_window(i) for i in range(arch.num_layers)}
             for window in windows:
-                launches += triton_attention.warm_up(
+                launches += warm_up(
                     arch.num_heads,
                     arch.num_kv_heads,
                     arch.head_dim,

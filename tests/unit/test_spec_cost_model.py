@@ -450,8 +450,9 @@ def simulate_engine(
             k_next = max(plan.values())
             if k_next:
                 spec_steps += 1
-                d = h100_like_draft(sum(1 for k in plan.values() if k))
-                policy.observe_draft(sum(1 for k in plan.values() if k), d)
+                drafting = sum(1 for k in plan.values() if k)
+                d = h100_like_draft(drafting)
+                policy.observe_draft(drafting, d)
                 t += k_next * d
         policy.observe_step(batch, t)
         tokens += step_tokens
