@@ -53,6 +53,23 @@ def timed_ms(fn: Callable[[], Any], device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def run_header(gpu: str, smoke: bool) -> dict[str, Any]:
+    return {
+        "gpu": gpu,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "smoke": smoke,
+    }
+
+
+def result_path(name: str, gpu: str, smoke: bool, suffix: str = "") -> Path:
+    """bench/results/<name>-<gpu>[-smoke]<suffix>.json"""
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    smoke_tag = "-smoke" if smoke else ""
+    return Path(__file__).parent / "results" / f"{name}-{tag}{smoke_tag}{suffix}.json"
+
+
 def copy_bandwidth(device: str, nbytes: int) -> float:
     """GB/s of a device-to-device copy, counting bytes read + written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -236,11 +253,7 @@ def main() -> None:
     prefill = bench_prefill(device, lengths, gen)
     ops = bench_ops(device, *ops_shape)
     result = {
-        "gpu": gpu,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "smoke": args.smoke,
+        **run_header(gpu, args.smoke),
         "shape": {
             "num_heads": NUM_HEADS,
             "num_kv_heads": NUM_KV_HEADS,
@@ -253,14 +266,7 @@ def main() -> None:
         "prefill": prefill,
         "ops": ops,
     }
-    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-    out = args.out
-    if out is None:
-        out = (
-            Path(__file__).parent
-            / "results"
-            / f"kernels-{tag}{'-smoke' if args.smoke else ''}.json"
-        )
+    out = args.out or result_path("kernels", gpu, args.smoke)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -7,6 +7,7 @@ Numerics follow the model layers exactly (``replicas/model/layers.py`` RMSNorm /
     fused_add_rms_norm  new_residual = residual + x (model dtype); out = rms_norm(new_residual)
     silu_and_mul        gate, up = x.chunk(2, -1); out = silu(gate) * up (model dtype)
     rotary_embedding    x * cos + rotate_half(x) * sin, rotate-half convention, model dtype
+    gemv                F.linear(prologue(x), weight, bias), the prologue one of the ops above
 """
 
 from __future__ import annotations
@@ -92,3 +93,34 @@ def rope_and_write_kv(
     k_cache.view(nb * bs, h, d).index_copy_(0, slots, k_rot[keep].to(k_cache.dtype))
     v_cache.view(nb * bs, h, d).index_copy_(0, slots, v[keep].to(v_cache.dtype))
     return q_rot
+
+
+# What ``gemv`` runs on its input before the linear (the small-M decode path fuses it in).
+PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_and_mul")
+
+
+@register("gemv", "torch")
+def gemv(
+    x: torch.Tensor,  # [M, K]; [M, 2K] for "silu_and_mul"
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    *,
+    prologue: str = "none",
+    norm_weight: torch.Tensor | None = None,  # [K] ("rms_norm", "add_rms_norm")
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,  # [M, K] ("add_rms_norm")
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (y [M, N], residual + x [M, K] or None)
+    """A linear layer with the op in front of it: ``F.linear(prologue(x), weight, bias)``.
+    Only "add_rms_norm" returns a second tensor, the new residual stream ``residual + x``."""
+    new_residual = None
+    if prologue == "rms_norm":
+        assert norm_weight is not None
+        x = rms_norm(x, norm_weight, eps)
+    elif prologue == "add_rms_norm":
+        assert norm_weight is not None and residual is not None
+        x, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    elif prologue == "silu_and_mul":
+        x = silu_and_mul(x)
+    elif prologue != "none":
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    return F.linear(x, weight, bias), new_residual

@@ -28,8 +28,10 @@ def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     an output element (or workspace entry) a kernel forgets to write fails the comparison."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
-    def poisoned(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def poisoned(real: Callable[..., torch.Tensor], factory: bool) -> Callable[..., torch.Tensor]:
         def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if factory:  # a wrapped factory escapes ``with torch.device(...)``: pass it on
+                kwargs.setdefault("device", torch.get_default_device())
             t = real(*args, **kwargs)
             if t.is_floating_point():
                 t.fill_(float("nan"))
@@ -37,8 +39,8 @@ def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
         return make
 
-    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty, factory=True))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like, factory=False))
     yield
 
 

@@ -1,5 +1,5 @@
-"""The engine end to end on the Triton backends (attention, KV write, RMSNorm, SiLU-mul) equals
-transformers greedy, token for token. On CPU this runs under Triton's interpreter."""
+"""The engine end to end on the Triton backends (attention, KV write, RMSNorm, SiLU-mul, small-M
+GEMV) equals transformers greedy, token for token. On CPU this runs under Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rayfleet import LLM, SamplingParams
 from rayfleet.replicas.model.layers import RMSNorm, SiluAndMul
+from rayfleet.replicas.model.llama import DecoderLayer
 from tests.model_factory import make_tiny_model
 
 
@@ -29,5 +30,8 @@ def test_engine_on_triton_matches_transformers(tmp_path: Path, device: str) -> N
     assert llm.engine.attention_backend == "triton"
     swapped = [m for m in llm.engine.model.modules() if isinstance(m, (RMSNorm, SiluAndMul))]
     assert swapped and all(m.kernel_backend == "triton" for m in swapped)
+    # decode steps of <= 2 tokens run each layer as four GEMVs with the norms / SiLU fused in
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, DecoderLayer)]
+    assert layers and all(m.gemv_max_tokens == 2 for m in layers)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert [o.token_ids for o in outs] == ref

@@ -56,6 +56,8 @@ def _divide(a: int, b: int, what: str) -> int:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split across TP ranks; output stays sharded."""
 
+    gemv_backend = kernels.REFERENCE  # the "gemv" of forward_gemv, swapped by use_kernel_backend
+
     def __init__(
         self, input_size: int, output_size: int, *, bias: bool = False, dtype: torch.dtype
     ) -> None:
@@ -76,6 +78,37 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def forward_gemv(
+        self,
+        x: torch.Tensor,  # [M <= gemv max_rows, in]
+        prologue: str = "none",
+        norm: RMSNorm | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward(prologue(x))`` as one small-M GEMV (see ``kernels/triton_gemv.py``); returns
+        (y, the new residual stream for "add_rms_norm" else None)."""
+        return _gemv(self.gemv_backend, x, self.weight, self.bias, prologue, norm, residual)
+
+
+def _gemv(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prologue: str,
+    norm: RMSNorm | None,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return kernels.get("gemv", backend)(
+        x,
+        weight,
+        bias,
+        prologue=prologue,
+        norm_weight=norm.weight if norm is not None else None,
+        eps=norm.eps if norm is not None else 0.0,
+        residual=residual,
+    )
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -157,6 +190,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_shard W_shard^T) + b with W's input columns split across TP ranks."""
 
+    gemv_backend = kernels.REFERENCE
+
     def __init__(
         self, input_size: int, output_size: int, *, bias: bool = False, dtype: torch.dtype
     ) -> None:
@@ -177,6 +212,13 @@ class RowParallelLinear(nn.Module):
         # The bias joins on rank 0 only, so the all-reduce adds it exactly once.
         bias = self.bias if self.tp_rank == 0 else None
         return parallel.all_reduce(F.linear(x, self.weight, bias))
+
+    def forward_gemv(self, x: torch.Tensor, prologue: str = "none") -> torch.Tensor:
+        """``forward(prologue(x))`` as one small-M GEMV; the prologue ("silu_and_mul") is
+        elementwise, so it runs on this rank's input shard as it is."""
+        bias = self.bias if self.tp_rank == 0 else None
+        y, _ = _gemv(self.gemv_backend, x, self.weight, bias, prologue, None, None)
+        return parallel.all_reduce(y)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -213,8 +255,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; may share its weight with the input embedding."""
 
+    gemv_backend = kernels.REFERENCE
+    gemv_max_rows = 0  # rows up to this go through the backend's "gemv" (use_kernel_backend)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        logits = parallel.all_gather(F.linear(hidden, self.weight), dim=-1)
+        if hidden.shape[0] <= self.gemv_max_rows:
+            y, _ = _gemv(self.gemv_backend, hidden, self.weight, None, "none", None, None)
+        else:
+            y = F.linear(hidden, self.weight)
+        logits = parallel.all_gather(y, dim=-1)
         return logits[..., : self.vocab_size]
 
 
@@ -261,6 +310,22 @@ def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
         if names and all(backend in kernels.backends(op) for op in names):
             module.kernel_backend = backend
             swapped.update(names)
+    if backend != kernels.REFERENCE and backend in kernels.backends("gemv"):
+        max_rows = kernels.get("gemv", backend).max_rows
+        for module in model.modules():
+            # exact classes: a quantized or otherwise swapped linear keeps its own forward
+            if type(module) in (
+                ColumnParallelLinear,
+                MergedColumnParallelLinear,
+                QKVParallelLinear,
+                RowParallelLinear,
+            ):
+                module.gemv_backend = backend
+            elif type(module) is ParallelLMHead:
+                module.gemv_backend, module.gemv_max_rows = backend, max_rows
+            elif hasattr(module, "gemv_max_tokens"):
+                module.gemv_max_tokens = max_rows
+        swapped.add("gemv")
     return sorted(swapped)
 
 

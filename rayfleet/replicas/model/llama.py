@@ -57,8 +57,17 @@ class DecoderAttention(nn.Module):
         sin: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:  # [T, hidden]
-        t = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        return self.o_proj(self.attend(self.qkv_proj(hidden), cos, sin, batch))
+
+    def attend(
+        self,
+        qkv: torch.Tensor,  # [T, q_size + 2 * kv_size]: the qkv projection of this rank
+        cos: torch.Tensor,  # [T, head_dim]
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim], the input of o_proj
+        t = qkv.shape[0]
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -69,7 +78,7 @@ class DecoderAttention(nn.Module):
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             out = self.attn(q, k, v, batch)  # [T, num_heads, head_dim]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return out.reshape(t, self.num_heads * self.head_dim)
 
 
 class DecoderMLP(nn.Module):
@@ -87,6 +96,10 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # Steps of at most this many tokens run every linear as one GEMV with the norm / SiLU-mul in
+    # front of it fused in (forward_gemv); 0 = never. Set by use_kernel_backend.
+    gemv_max_tokens = 0
+
     def __init__(self, arch: ModelArchConfig, layer_idx: int, *, dtype: torch.dtype) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(arch, layer_idx, dtype=dtype)
@@ -102,6 +115,8 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if hidden.shape[0] <= self.gemv_max_tokens:
+            return self.forward_gemv(hidden, residual, cos, sin, batch)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -110,6 +125,31 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(hidden, cos, sin, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def forward_gemv(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() in four GEMVs, the norms and SiLU-mul fused into the one after them."""
+        attn, mlp = self.self_attn, self.mlp
+        if residual is None:
+            qkv, _ = attn.qkv_proj.forward_gemv(hidden, "rms_norm", self.input_layernorm)
+            residual = hidden
+        else:
+            qkv, residual = attn.qkv_proj.forward_gemv(
+                hidden, "add_rms_norm", self.input_layernorm, residual
+            )
+        assert residual is not None
+        hidden = attn.o_proj.forward_gemv(attn.attend(qkv, cos, sin, batch))
+        gate_up, residual = mlp.gate_up_proj.forward_gemv(
+            hidden, "add_rms_norm", self.post_attention_layernorm, residual
+        )
+        assert residual is not None
+        return mlp.down_proj.forward_gemv(gate_up, "silu_and_mul"), residual
 
 
 class DecoderModel(nn.Module):

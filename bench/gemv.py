@@ -1,0 +1,175 @@
+"""Small-M GEMV microbenchmark: the fused ``triton_gemv.gemv`` against what it replaces.
+
+For each linear of a llama-3-8b and a llama-3.2-1b decoder layer (and the LM head), at M = 1 and 2
+rows, with the op the decoder runs in front of it (add + RMSNorm before qkv and gate_up,
+SiLU-and-mul before down):
+
+- unfused: the Triton norm / SiLU kernel, then ``F.linear`` (cuBLAS), as the model runs at M > 2;
+- gemv: one ``triton_gemv.gemv`` launch with the op fused in, with the shipped configs (or, with
+  ``--sweep``, the best of a config grid, which is how ``triton_gemv._CONFIGS`` was chosen).
+
+Weights are bf16; each timed call cycles through enough weight copies (> 200 MB) that none is in
+L2. Times are ``triton.testing.do_bench_cudagraph`` medians (per call, launch overhead captured
+away as in the engine's decode graphs). GB/s counts weight bytes. Writes
+bench/results/gemv-<gpu>.json and prints a table last.
+
+    python bench/gemv.py            # on the GPU host, ~1 minute (--sweep: ~4)
+    python bench/gemv.py --smoke    # tiny shapes through Triton's CPU interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # the smoke run: kernels go through the CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+from kernels import copy_bandwidth, result_path, run_header  # noqa: E402  (bench/kernels.py)
+
+from rayfleet.kernels import triton_gemv, triton_ops  # noqa: E402
+
+DTYPE = torch.bfloat16
+# (model, layer, N, K, prologue)
+SHAPES = [
+    (model, layer, n, k, pro)
+    for model, h, inter, q_kv in (("8b", 4096, 14336, 6144), ("1b", 2048, 8192, 3072))
+    for layer, n, k, pro in (
+        ("qkv", q_kv, h, "add_rms_norm"),
+        ("o", h, h, "none"),
+        ("gate_up", 2 * inter, h, "add_rms_norm"),
+        ("down", h, inter, "silu_and_mul"),
+        ("lm_head", 128256, h, "none"),
+    )
+]
+SMOKE_SHAPES = [("tiny", "qkv", 48, 64, "add_rms_norm"), ("tiny", "down", 32, 96, "silu_and_mul")]
+SWEEP = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048], [4, 8], [2, 4]))
+
+
+def timed_ms(fn: Callable[[], Any], device: str) -> float:
+    if device == "cuda":
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def one(
+    model: str, layer: str, n: int, k: int, pro: str, m: int, device: str, sweep: bool
+) -> dict[str, Any]:
+    copies = max(1, int(200e6 // (n * k * 2)) + 1) if device == "cuda" else 1
+    ws = [torch.randn(n, k, dtype=DTYPE, device=device) / k**0.5 for _ in range(copies)]
+    x = torch.randn(m, 2 * k if pro == "silu_and_mul" else k, dtype=DTYPE, device=device)
+    r = torch.randn(m, k, dtype=DTYPE, device=device)
+    g = torch.randn(k, dtype=DTYPE, device=device)
+    kw: dict[str, Any] = (
+        {"norm_weight": g, "eps": 1e-5, "residual": r} if pro == "add_rms_norm" else {}
+    )
+
+    def unfused() -> None:
+        for w in ws:
+            a = x
+            if pro == "add_rms_norm":
+                a, _ = triton_ops.fused_add_rms_norm(x, r, g, 1e-5)
+            elif pro == "silu_and_mul":
+                a = triton_ops.silu_and_mul(x)
+            F.linear(a, w)
+
+    def fused() -> None:
+        for w in ws:
+            triton_gemv.gemv(x, w, prologue=pro, **kw)
+
+    unfused_ms = timed_ms(unfused, device) / copies
+    configs = SWEEP if sweep else [None]
+    best: tuple[float, Any] | None = None
+    for cfg in configs:
+        if cfg is not None and cfg[0] * cfg[1] * m > 32768:
+            continue
+        triton_gemv._CONFIG_OVERRIDE = cfg
+        ms = timed_ms(fused, device) / copies
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    triton_gemv._CONFIG_OVERRIDE = None
+    assert best is not None
+    nbytes = n * k * DTYPE.itemsize
+    return {
+        "model": model,
+        "layer": layer,
+        "m": m,
+        "n": n,
+        "k": k,
+        "prologue": pro,
+        "weight_mb": nbytes / 1e6,
+        "unfused_us": unfused_ms * 1e3,
+        "gemv_us": best[0] * 1e3,
+        "gemv_gb_per_s": nbytes / best[0] / 1e6,
+        "unfused_gb_per_s": nbytes / unfused_ms / 1e6,
+        "config": best[1] if sweep else "shipped",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
+    ap.add_argument("--sweep", action="store_true", help="best of a config grid per shape")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no CUDA GPU: run with --smoke (tiny sizes through the Triton interpreter)")
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
+    copy_gbs = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 20)
+    rows = [
+        one(*shape, m, device, args.sweep)
+        for m in (1, 2)
+        for shape in (SMOKE_SHAPES if args.smoke else SHAPES)
+    ]
+    per_layer = {}
+    for model in sorted({r["model"] for r in rows}):
+        for m in (1, 2):
+            sel = [r for r in rows if r["model"] == model and r["m"] == m]
+            per_layer[f"{model}-m{m}"] = {
+                key: sum(r[key] for r in sel if r["layer"] != "lm_head")
+                for key in ("unfused_us", "gemv_us")
+            }
+    result = {
+        **run_header(gpu, args.smoke),
+        "copy_gb_per_s": copy_gbs,
+        "rows": rows,
+        "decoder_layer_linears_us": per_layer,
+    }
+    out = args.out or result_path("gemv", gpu, args.smoke, "-sweep" if args.sweep else "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  -> {out}")
+    print(f"copy bandwidth (read + write): {copy_gbs:8.1f} GB/s")
+    print("model layer     M      N      K  prologue      unfused us  gemv us  GB/s  % copy  cfg")
+    for r in rows:
+        print(
+            f"{r['model']:5} {r['layer']:8} {r['m']:2d} {r['n']:6d} {r['k']:6d}  "
+            f"{r['prologue']:12} {r['unfused_us']:10.1f} {r['gemv_us']:8.1f} "
+            f"{r['gemv_gb_per_s']:5.0f} {100 * r['gemv_gb_per_s'] / copy_gbs:6.1f}  {r['config']}"
+        )
+    for key, v in per_layer.items():
+        print(
+            f"decoder layer linears {key}: unfused {v['unfused_us']:.1f} us, "
+            f"gemv {v['gemv_us']:.1f} us"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The small-M GEMV with its fused prologue (``triton_gemv.gemv``) against ``ops_ref.gemv``, the
+reference against the unfused model layers, and the decoder's GEMV path against its normal one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from rayfleet import kernels  # noqa: E402
+from rayfleet.kernels import ops_ref, triton_gemv  # noqa: E402
+from rayfleet.replicas.model.layers import (  # noqa: E402
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    SiluAndMul,
+    use_kernel_backend,
+)
+
+PROLOGUES = ["none", "rms_norm", "add_rms_norm", "silu_and_mul"]
+
+
+def rand(gen: torch.Generator, *shape: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def inputs(gen, m, n, k, prologue, dtype, device, bias=True):
+    width = 2 * k if prologue == "silu_and_mul" else k
+    x = rand(gen, m, width, dtype=dtype, device=device)
+    w = rand(gen, n, k, dtype=dtype, device=device) / k**0.5
+    b = rand(gen, n, dtype=dtype, device=device) if bias else None
+    kw = {}
+    if prologue in ("rms_norm", "add_rms_norm"):
+        kw = {"norm_weight": 1 + rand(gen, k, dtype=dtype, device=device) / 4, "eps": 1e-5}
+    if prologue == "add_rms_norm":
+        kw["residual"] = rand(gen, m, k, dtype=dtype, device=device)
+    return x, w, b, kw
+
+
+def test_registered_beside_reference() -> None:
+    assert kernels.backends("gemv")[0] == "torch"  # the reference stays the default
+    assert kernels.get("gemv", "triton") is triton_gemv.gemv
+    assert triton_gemv.gemv.max_rows == triton_gemv.MAX_M == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_the_unfused_layers(dtype: torch.dtype, gen: torch.Generator) -> None:
+    x, w, b, _ = inputs(gen, 3, 24, 40, "none", dtype, "cpu")
+    r = rand(gen, 3, 40, dtype=dtype, device="cpu")
+    norm = RMSNorm(40, 1e-6, dtype=dtype)
+    norm.weight.data.copy_(rand(gen, 40, dtype=dtype, device="cpu"))
+    ref = kernels.get("gemv", "torch")
+    y, nr = ref(x, w, b, prologue="rms_norm", norm_weight=norm.weight, eps=1e-6)
+    assert nr is None and torch.equal(y, F.linear(norm(x), w, b))
+    y, nr = ref(x, w, b, prologue="add_rms_norm", norm_weight=norm.weight, eps=1e-6, residual=r)
+    normed, new_res = norm(x, r)
+    assert torch.equal(y, F.linear(normed, w, b)) and torch.equal(nr, new_res)
+    gu = rand(gen, 3, 80, dtype=dtype, device="cpu")
+    assert torch.equal(ref(gu, w, None, prologue="silu_and_mul")[0], F.linear(SiluAndMul()(gu), w))
+    with pytest.raises(ValueError, match="prologue must be one of"):
+        ref(x, w, prologue="gelu")
+
+
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize(
+    "n,k",
+    [(1, 1), (5, 130), (33, 1025), (64, 2048)],  # a 1-wide weight, odd sizes, BLOCK_K + 1, 2 chunks
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference(
+    prologue: str, m: int, n: int, k: int, dtype: torch.dtype, gen: torch.Generator, device: str
+) -> None:
+    x, w, b, kw = inputs(gen, m, n, k, prologue, dtype, device, bias=(n % 2 == 1))
+    saved = [t.clone() for t in (x, w, *kw.values()) if isinstance(t, torch.Tensor)]
+    y, new_res = triton_gemv.gemv(x, w, b, prologue=prologue, **kw)
+    ref_y, ref_res = ops_ref.gemv(x, w, b, prologue=prologue, **kw)
+    assert y.shape == (m, n) and y.dtype == dtype
+    # The new residual is rounded as the layer rounds it, so it is bit-equal; in fp32 y differs
+    # from the reference only by summation order.
+    if prologue == "add_rms_norm":
+        assert torch.equal(new_res, ref_res)
+    else:
+        assert new_res is None
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    else:
+        # y is within one rounding of the fp32 product of its input
+        if prologue == "none":
+            a = x
+        elif prologue == "silu_and_mul":
+            a = ops_ref.silu_and_mul(x)
+        else:  # the kernel does not round the normalised input (see triton_gemv's docstring)
+            h = (ref_res if prologue == "add_rms_norm" else x).float()
+            a = kw["norm_weight"].float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        exact = F.linear(a.float(), w.float(), b.float() if b is not None else None)
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        err = (y.float() - exact).abs()
+        assert bool((err <= ulp * exact.abs() + 1e-3).all()), err.max()
+    assert all(
+        torch.equal(s, t)
+        for s, t in zip(saved, [t for t in (x, w, *kw.values()) if isinstance(t, torch.Tensor)])
+    )
+
+
+def test_rejects_what_it_does_not_take(gen: torch.Generator, device: str) -> None:
+    w = rand(gen, 8, 16, dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="1..2 rows"):
+        triton_gemv.gemv(rand(gen, 3, 16, dtype=torch.float32, device=device), w)
+    with pytest.raises(ValueError, match="does not fit weight"):
+        triton_gemv.gemv(
+            rand(gen, 1, 16, dtype=torch.float32, device=device), w, prologue="silu_and_mul"
+        )
+    with pytest.raises(ValueError, match="dtype"):
+        triton_gemv.gemv(rand(gen, 1, 16, dtype=torch.bfloat16, device=device), w)
+
+
+def test_backend_swap_routes_small_steps_through_gemv(tmp_path) -> None:
+    from rayfleet.replicas.model.llama import DecoderLayer
+    from rayfleet.replicas.model.loader import load_model
+    from tests.model_factory import make_tiny_model
+
+    model = load_model(
+        make_tiny_model(tmp_path / "m", "llama"),
+        dtype=torch.float32,
+        device="cpu",
+        show_progress=False,
+    )
+    assert "gemv" in use_kernel_backend(model, "triton")
+    linears = [
+        m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+    ]
+    assert linears and all(m.gemv_backend == "triton" for m in linears)
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    assert layers and all(m.gemv_max_tokens == 2 for m in layers)
+    assert isinstance(model.lm_head, ParallelLMHead) and model.lm_head.gemv_max_rows == 2
