@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from rayfleet.replicas.sampler import Sampler, SamplerRow, step_seed
+from rayfleet.replicas.sampler import Sampler, SamplerRow, argmax_rows, step_seed
 from rayfleet.sampling_params import SamplingParams
 
 EOS = frozenset({3})
@@ -396,3 +396,22 @@ def test_cuda_matches_cpu_where_deterministic() -> None:
         logits[[5, 0, 9]].cuda(), [row(), row(p, output=[1, 2]), row(p, output=[7])]
     ).token_ids[1]
     assert alone == batched
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 32000, 50257, 1000])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_two_stage_argmax_is_argmax(vocab: int, rows: int) -> None:
+    """Greedy's argmax over few rows runs in two stages; it picks the index torch.argmax picks,
+    ties (the first) and NaN (ranked highest) included, on CPU and, where present, CUDA."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    g = torch.Generator().manual_seed(vocab + rows)
+    x = torch.randn(rows, vocab, generator=g)
+    tied = torch.zeros(rows, vocab)
+    tied[:, [7, vocab // 2, vocab - 5]] = 1.0  # the same max in three chunks
+    nan = x.clone()
+    nan[:, [vocab // 3, vocab // 2]] = float("nan")
+    for dev in devices:
+        for t in (x, tied, torch.zeros(rows, vocab), nan, x.bfloat16()):
+            t = t.to(dev)
+            assert torch.equal(argmax_rows(t), t.argmax(dim=-1))
+    assert argmax_rows(tied).tolist() == [7] * rows
