@@ -32,7 +32,7 @@ from rayfleet.kernels import register
 from rayfleet.kernels.triton_ops import round_to  # also registers the references first
 
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
-MAX_M = 2  # at 4 rows cuBLAS is 20% faster on the H100 even counting the fused ops; F.linear then
+MAX_M = 2  # rows the kernel takes
 
 
 @triton.jit
@@ -230,4 +230,6 @@ def gemv(
     return y, new_res
 
 
-gemv.max_rows = MAX_M  # type: ignore[attr-defined]  (the model routes larger M to F.linear)
+# Rows the model routes here (larger M goes to F.linear): at M = 2 the fused GEMV already loses
+# to norm kernel + cuBLAS on the H100 (bench/gemv.py: 202 vs 173 us per llama-3-8b layer).
+gemv.max_rows = 1  # type: ignore[attr-defined]

@@ -32,8 +32,9 @@ def make_batch(q_lens, ctx_lens, block_size, num_blocks, hq, hkv, d, dtype, devi
         slot_mapping=torch.tensor(slots, device=device),
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                  dtype=torch.int32, device=device),
+        block_tables=torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device
+        ),
         max_query_len=max(q_lens),
         max_seq_len=max(ctx_lens),
         query_start_loc_cpu=qsl,
@@ -53,8 +54,9 @@ def test_sdpa_matches_reference(device, group, window):
     # decode rows, a full prefill, an extend over a cached prefix, block-boundary lengths
     q_lens = [1, 1, 17, 5, 1, 16]
     ctx_lens = [1, 17, 17, 21, 33, 40]
-    q, kc, vc, meta = make_batch(q_lens, ctx_lens, 16, 24, 4 * group, 4, 64,
-                                 torch.float32, device, seed=group)
+    q, kc, vc, meta = make_batch(
+        q_lens, ctx_lens, 16, 24, 4 * group, 4, 64, torch.float32, device, seed=group
+    )
     ref = kernels.get("paged_attention", "torch")(q, kc, vc, meta, 0.125, window)
     got = kernels.get("paged_attention", "sdpa")(q, kc, vc, meta, 0.125, window)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

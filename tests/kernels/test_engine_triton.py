@@ -22,16 +22,31 @@ def test_engine_on_triton_matches_transformers(tmp_path: Path, device: str) -> N
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p], device=device)
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                              min_new_tokens=4, do_sample=False, pad_token_id=0)
-            ref.append(out[0, len(p):].tolist())
-    llm = LLM(str(model_dir), dtype="float32", device=device, attention_backend="triton",
-              block_size=8, gpu_memory_utilization=0.2)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                min_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            ref.append(out[0, len(p) :].tolist())
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        device=device,
+        attention_backend="triton",
+        block_size=8,
+        gpu_memory_utilization=0.2,
+    )
     assert llm.engine.attention_backend == "triton"
     swapped = [m for m in llm.engine.model.modules() if isinstance(m, (RMSNorm, SiluAndMul))]
     assert swapped and all(m.kernel_backend == "triton" for m in swapped)
-    # decode steps of <= 2 tokens run each layer as four GEMVs with the norms / SiLU fused in
+    # single-token decode steps run each layer as four GEMVs with the norms / SiLU fused in
     layers = [m for m in llm.engine.model.modules() if isinstance(m, DecoderLayer)]
-    assert layers and all(m.gemv_max_tokens == 2 for m in layers)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert layers and all(m.gemv_max_tokens == 1 for m in layers)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == ref
+    # one request alone: its decode steps take the GEMV path
+    assert [o.token_ids for o in llm.generate(prompts[1:], params)] == ref[1:]

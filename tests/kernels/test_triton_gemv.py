@@ -43,7 +43,7 @@ def inputs(gen, m, n, k, prologue, dtype, device, bias=True):
 def test_registered_beside_reference() -> None:
     assert kernels.backends("gemv")[0] == "torch"  # the reference stays the default
     assert kernels.get("gemv", "triton") is triton_gemv.gemv
-    assert triton_gemv.gemv.max_rows == triton_gemv.MAX_M == 2
+    assert triton_gemv.MAX_M == 2 and triton_gemv.gemv.max_rows == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -135,5 +135,5 @@ def test_backend_swap_routes_small_steps_through_gemv(tmp_path) -> None:
     ]
     assert linears and all(m.gemv_backend == "triton" for m in linears)
     layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
-    assert layers and all(m.gemv_max_tokens == 2 for m in layers)
-    assert isinstance(model.lm_head, ParallelLMHead) and model.lm_head.gemv_max_rows == 2
+    assert layers and all(m.gemv_max_tokens == 1 for m in layers)
+    assert isinstance(model.lm_head, ParallelLMHead) and model.lm_head.gemv_max_rows == 1
