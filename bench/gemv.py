@@ -6,7 +6,11 @@ SiLU-and-mul before down):
 
 - unfused: the Triton norm / SiLU kernel, then ``F.linear`` (cuBLAS), as the model runs at M > 2;
 - gemv: one ``triton_gemv.gemv`` launch with the op fused in, with the shipped configs (or, with
-  ``--sweep``, the best of a config grid, which is how ``triton_gemv._CONFIGS`` was chosen).
+  ``--sweep``, the best of a config grid, which is how ``triton_gemv._CONFIGS`` was chosen);
+  launched with programmatic dependent launch where the GPU has it (Hopper), as the engine does,
+  and once more without (``gemv_no_pdl_us``). Back-to-back launches on different weights are
+  what a decode step does, so PDL's overlap of one launch's tail with the next one's weight
+  reads shows in the per-call time.
 
 Weights are bf16; each timed call cycles through enough weight copies (> 200 MB) that none is in
 L2. Times are ``triton.testing.do_bench_cudagraph`` medians (per call, launch overhead captured
@@ -93,6 +97,11 @@ def one(
             triton_gemv.gemv(x, w, prologue=pro, **kw)
 
     unfused_ms = timed_ms(unfused, device) / copies
+    triton_ops._pdl_device.cache_clear()
+    os.environ["RAYFLEET_PDL"] = "0"
+    no_pdl_ms = timed_ms(fused, device) / copies
+    del os.environ["RAYFLEET_PDL"]
+    triton_ops._pdl_device.cache_clear()
     configs = SWEEP if sweep else [None]
     best: tuple[float, Any] | None = None
     for cfg in configs:
@@ -115,6 +124,7 @@ def one(
         "weight_mb": nbytes / 1e6,
         "unfused_us": unfused_ms * 1e3,
         "gemv_us": best[0] * 1e3,
+        "gemv_no_pdl_us": no_pdl_ms * 1e3,
         "gemv_gb_per_s": nbytes / best[0] / 1e6,
         "unfused_gb_per_s": nbytes / unfused_ms / 1e6,
         "config": best[1] if sweep else "shipped",
@@ -157,12 +167,13 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  -> {out}")
     print(f"copy bandwidth (read + write): {copy_gbs:8.1f} GB/s")
-    print("model layer     M      N      K  prologue      unfused us  gemv us  GB/s  % copy  cfg")
+    print("model layer   M      N      K  prologue    unfused us  no-PDL us  gemv us  GB/s  %copy")
     for r in rows:
         print(
             f"{r['model']:5} {r['layer']:8} {r['m']:2d} {r['n']:6d} {r['k']:6d}  "
-            f"{r['prologue']:12} {r['unfused_us']:10.1f} {r['gemv_us']:8.1f} "
-            f"{r['gemv_gb_per_s']:5.0f} {100 * r['gemv_gb_per_s'] / copy_gbs:6.1f}  {r['config']}"
+            f"{r['prologue']:12} {r['unfused_us']:10.1f} {r['gemv_no_pdl_us']:10.1f} "
+            f"{r['gemv_us']:8.1f} {r['gemv_gb_per_s']:5.0f} "
+            f"{100 * r['gemv_gb_per_s'] / copy_gbs:6.1f}  {r['config']}"
         )
     for key, v in per_layer.items():
         print(

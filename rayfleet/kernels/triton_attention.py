@@ -35,7 +35,7 @@ import triton.language as tl
 
 from rayfleet.kernels import register
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.kernels.triton_ops import round_to
+from rayfleet.kernels.triton_ops import pdl_enter, pdl_launch, round_to
 
 _LOG2E = 1.4426950408889634
 
@@ -87,7 +87,9 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     seq = pid // num_q_tiles
     q_tile = pid % num_q_tiles
@@ -196,7 +198,9 @@ def _combine_kernel(
     stride_oh,
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -365,6 +369,7 @@ def paged_attention(
         DOT_FP32=dot_fp32,
         num_warps=num_warps,
         num_stages=2,
+        **pdl_launch(q.device),
     )
     if num_splits > 1:
         _combine_kernel[(num_tokens, num_heads)](
@@ -379,6 +384,7 @@ def paged_attention(
             BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=4 if head_dim <= 128 else 8,
+            **pdl_launch(q.device),
         )
     return out
 

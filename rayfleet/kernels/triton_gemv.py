@@ -29,7 +29,12 @@ import triton
 import triton.language as tl
 
 from rayfleet.kernels import register
-from rayfleet.kernels.triton_ops import round_to  # also registers the references first
+from rayfleet.kernels.triton_ops import (  # triton_ops also registers the references first
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_launch,
+    round_to,
+)
 
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
 MAX_M = 2  # rows the kernel takes
@@ -72,6 +77,45 @@ def _prologue_chunk(
 
 
 @triton.jit
+def _accumulate(
+    acc,  # [BLOCK_M, BLOCK_N, BLOCK_K] fp32
+    sq,  # [BLOCK_M, BLOCK_K] fp32
+    w,  # [BLOCK_N, BLOCK_K] this chunk of the weight rows
+    k0,
+    ks,
+    x_ptr,
+    res_ptr,
+    g_ptr,
+    new_res_ptr,
+    rows,
+    row_mask,
+    pid,
+    K,
+    stride_xm,
+    stride_rm,
+    stride_nrm,
+    PROLOGUE: tl.constexpr,
+    DT: tl.constexpr,
+):
+    cols = k0 + ks
+    k_mask = cols < K
+    a, h = _prologue_chunk(
+        x_ptr, res_ptr, g_ptr, rows, cols, row_mask, k_mask, K, stride_xm, stride_rm, PROLOGUE, DT
+    )
+    if PROLOGUE == 2:  # noqa: SIM102  (a compile-time test around a runtime one)
+        if pid == 0:
+            tl.store(
+                new_res_ptr + rows[:, None] * stride_nrm + cols[None, :],
+                h.to(DT),
+                mask=row_mask[:, None] & k_mask[None, :],
+            )
+    acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        sq += h * h
+    return acc, sq
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] ([M, 2K] for SILU_MUL)
     res_ptr,  # [M, K] residual (ADD_RMS)
@@ -94,6 +138,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     DT: tl.constexpr = y_ptr.dtype.element_ty
@@ -107,38 +152,56 @@ def _gemv_kernel(
     # row's rstd scales the finished dot product (rms_norm(h) . w = rstd * ((g * h) . w)).
     sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    w_rows = w_ptr + n_offs[:, None].to(tl.int64) * stride_wn
+    # The first weight chunk is read before waiting for the previous kernel (PDL): weights are
+    # never written, and the reads fill the bandwidth that kernel's last wave leaves idle.
+    w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & (ks < K)[None, :], other=0.0)
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may start once every program got here
+        gdc_wait()  # everything the previous kernel wrote (x, residual) is visible after this
+    acc, sq = _accumulate(
+        acc,
+        sq,
+        w,
+        0,
+        ks,
+        x_ptr,
+        res_ptr,
+        g_ptr,
+        new_res_ptr,
+        rows,
+        row_mask,
+        pid,
+        K,
+        stride_xm,
+        stride_rm,
+        stride_nrm,
+        PROLOGUE,
+        DT,
+    )
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + ks
-        k_mask = cols < K
-        w = tl.load(
-            w_ptr + n_offs[:, None].to(tl.int64) * stride_wn + cols[None, :],
-            mask=n_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        a, h = _prologue_chunk(
+        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & (cols < K)[None, :], other=0.0)
+        acc, sq = _accumulate(
+            acc,
+            sq,
+            w,
+            k0,
+            ks,
             x_ptr,
             res_ptr,
             g_ptr,
+            new_res_ptr,
             rows,
-            cols,
             row_mask,
-            k_mask,
+            pid,
             K,
             stride_xm,
             stride_rm,
+            stride_nrm,
             PROLOGUE,
             DT,
         )
-        if PROLOGUE == 2:  # noqa: SIM102  (a compile-time test around a runtime one)
-            if pid == 0:
-                tl.store(
-                    new_res_ptr + rows[:, None] * stride_nrm + cols[None, :],
-                    h.to(DT),
-                    mask=row_mask[:, None] & k_mask[None, :],
-                )
-        acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
-        if PROLOGUE == 1 or PROLOGUE == 2:
-            sq += h * h
     y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
     if PROLOGUE == 1 or PROLOGUE == 2:
         y *= tl.rsqrt(tl.sum(sq, 1) / K + eps)[:, None]
@@ -226,6 +289,7 @@ def gemv(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=stages,
+        **pdl_launch(x.device),
     )
     return y, new_res
 

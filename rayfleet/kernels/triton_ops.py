@@ -8,6 +8,9 @@ Each op has the signature and the numerics of its torch reference (``attention_r
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +31,56 @@ def round_to(x, TY: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(TY)
+
+
+# ---- programmatic dependent launch (Hopper+) -------------------------------------------------
+# A kernel launched with ``launch_pdl=True`` may start while the kernel before it in the stream is
+# still running: its programs run their independent prologue (weight reads) and then block in
+# ``gdc_wait()`` until that kernel has finished and its writes are visible; the previous kernel
+# lets it start early with ``gdc_launch_dependents()``. Every store of a PDL kernel comes after its
+# wait, so memory the caching allocator hands from one kernel to the next is never raced.
+
+try:
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_PDL = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+except ImportError:  # an older triton: never launched with PDL, the calls below are dead code
+    _HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return (
+        _HAS_PDL
+        and os.environ.get("RAYFLEET_PDL", "1") != "0"
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        and torch.cuda.get_device_capability(index)[0] >= 9
+    )
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The start of a PDL-aware kernel that reads nothing before waiting: let the next kernel
+    launch, then wait for the previous one."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch keywords of a PDL-aware kernel (its ``PDL`` constexpr and triton's ``launch_pdl``):
+    on when the device is Hopper or newer and triton supports it; RAYFLEET_PDL=0 turns it off."""
+    on = device.type == "cuda" and _pdl_device(device.index or 0)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
 # ---- KV write -------------------------------------------------------------------------------
@@ -142,7 +195,9 @@ def _rms_norm_kernel(
     stride_new_res,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -200,6 +255,7 @@ def _norm_launch(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=min(16, max(4, block // 1024)),
+            **pdl_launch(x.device),
         )
     shape = x.shape
     return out.view(shape), new_res.view(shape) if new_res is not None else None
@@ -431,7 +487,9 @@ def _rope_write_kv_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     cos_row = cos_ptr + tok * stride_cos
     sin_row = sin_ptr + tok * stride_sin
@@ -549,5 +607,6 @@ def rope_and_write_kv(
             BLOCK_HKV=triton.next_power_of_2(hkv),
             BLOCK_HALF=triton.next_power_of_2(d // 2),
             num_warps=4,
+            **pdl_launch(q.device),
         )
     return q_out
