@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from rayfleet.config import KV_CACHE_DTYPES
+
 
 def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
     p.add_argument("--model", required=model_required, help="Hugging Face model directory")
@@ -18,6 +20,12 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=list(KV_CACHE_DTYPES),
+        help="auto = the model dtype; fp8 = float8 e4m3, half the KV bytes per token",
+    )
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--engine-seed", type=int, default=0, help="seed of unseeded sampling")
@@ -44,6 +52,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         max_model_len=a.max_model_len,
         kv_cache_memory_bytes=a.kv_cache_memory_bytes,
         gpu_memory_utilization=a.gpu_memory_utilization,
+        kv_cache_dtype=a.kv_cache_dtype,
         enable_prefix_caching=not a.no_prefix_caching,
         attention_backend=a.attention_backend,
         seed=a.engine_seed,

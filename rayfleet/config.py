@@ -41,6 +41,9 @@ class ModelConfig:
         return self.tokenizer or self.model
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. The pool size comes from ``num_blocks``, else ``kv_cache_memory_bytes``,
@@ -53,8 +56,16 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     num_blocks: int | None = None
     cpu_kv_cache_bytes_default: int = 1 << 30
+    # "auto": the model dtype; "fp8" (= "fp8_e4m3"): float8 e4m3 with unit scale, half the bytes
+    # of bf16 per token (K/V saturate at +-448; attention computes in the model dtype)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1; got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

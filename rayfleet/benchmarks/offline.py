@@ -198,6 +198,7 @@ def cmd_bench_offline(a: argparse.Namespace) -> int:
         "cuda_graphs": engine.runner.graphs is not None,
         "memory_report": engine.memory_report,
         "prefix_caching": not a.no_prefix_caching,
+        "kv_cache_dtype": str(engine.kv_cache_dtype).replace("torch.", ""),
         "kv_cache_blocks": engine.num_blocks - 1,
         "kv_cache_tokens": (engine.num_blocks - 1) * a.block_size,
         "machine": info,

@@ -23,6 +23,7 @@ _ENGINE_FLAGS = (
     ("--num-blocks", int, "num_blocks"),
     ("--kv-cache-memory-bytes", int, "kv_cache_memory_bytes"),
     ("--gpu-memory-utilization", float, "gpu_memory_utilization"),
+    ("--kv-cache-dtype", str, "kv_cache_dtype"),
 )
 
 

@@ -5,6 +5,8 @@ KV cache layout, per layer (the layout flash-attn's paged API also uses):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     token t of a request lives in block  block_table[t // block_size]  at offset  t % block_size
     slot = block_id * block_size + offset   (a flat index into the first two dims)
+    dtype: the model's, or float8 e4m3 (``kv_cache_dtype="fp8"``): written through
+    ``to_cache_dtype``, read back into the model dtype for the attention math
 
 A batch is "varlen": the new tokens of all requests are concatenated along one token dimension.
 """
@@ -43,6 +45,27 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
 
+FP8_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """K/V values as the cache stores them. An fp8 (e4m3, unit scale) cache saturates at
+    +-FP8_MAX instead of overflowing to NaN, and rounds to nearest even from fp32."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
+def store_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, H, D] at flat slots [n] <- values [n, H, D] (converted by
+    to_cache_dtype). fp8 rows are copied as bytes: torch has no fp8 index_copy on CPU."""
+    nb, bs, h, d = cache.shape
+    values = to_cache_dtype(values, cache.dtype)
+    if cache.dtype == torch.float8_e4m3fn:
+        cache, values = cache.view(torch.uint8), values.view(torch.uint8)
+    cache.view(nb * bs, h, d).index_copy_(0, slots, values)
+
+
 @register("write_kv", "torch")
 def write_kv(
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -51,9 +74,8 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
-    nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    store_slots(k_cache, slot_mapping, k)
+    store_slots(v_cache, slot_mapping, v)
 
 
 @register("paged_attention", "torch")

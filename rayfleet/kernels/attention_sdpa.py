@@ -17,9 +17,12 @@ from rayfleet.kernels import register
 from rayfleet.kernels.attention_ref import AttentionMetadata
 
 
-def _gather(cache: torch.Tensor, table: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    # cache [num_blocks, bs, Hkv, D], table [B, >=n_blocks] -> [B, Hkv, n_blocks * bs, D]
-    g = cache[table[:, :n_blocks].long()]  # [B, n_blocks, bs, Hkv, D]
+def _gather(
+    cache: torch.Tensor, table: torch.Tensor, n_blocks: int, dtype: torch.dtype
+) -> torch.Tensor:
+    # cache [num_blocks, bs, Hkv, D], table [B, >=n_blocks] -> [B, Hkv, n_blocks * bs, D] in dtype
+    # (an fp8 cache is read into the model dtype)
+    g = cache[table[:, :n_blocks].long()].to(dtype)  # [B, n_blocks, bs, Hkv, D]
     b, nb, bs, h, d = g.shape
     return g.reshape(b, nb * bs, h, d).transpose(1, 2)
 
@@ -49,17 +52,15 @@ def paged_attention_sdpa(
         tok = torch.tensor([qsl[s] for s in decode], device=q.device)
         max_len = max(seq_lens[s] for s in decode)
         n_blocks = -(-max_len // block_size)
-        k = _expand_kv(_gather(k_cache, meta.block_tables[rows], n_blocks), group)
-        v = _expand_kv(_gather(v_cache, meta.block_tables[rows], n_blocks), group)
+        k = _expand_kv(_gather(k_cache, meta.block_tables[rows], n_blocks, q.dtype), group)
+        v = _expand_kv(_gather(v_cache, meta.block_tables[rows], n_blocks, q.dtype), group)
         lens = meta.seq_lens[rows].unsqueeze(1)  # [B, 1]
         pos = torch.arange(n_blocks * block_size, device=q.device).unsqueeze(0)
         mask = pos < lens  # key j visible to the query at position len-1 iff j < len
         if sliding_window is not None:
             mask &= pos > lens - 1 - sliding_window
         qd = q[tok].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(
-            qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :], scale=scale
-        )
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale)
         out[tok] = o.squeeze(2)
     for s in range(len(seq_lens)):
         start, end = qsl[s], qsl[s + 1]
@@ -69,8 +70,8 @@ def paged_attention_sdpa(
         ctx = seq_lens[s]
         n_blocks = -(-ctx // block_size)
         table = meta.block_tables[s : s + 1]
-        k = _expand_kv(_gather(k_cache, table, n_blocks)[:, :, :ctx], group)
-        v = _expand_kv(_gather(v_cache, table, n_blocks)[:, :, :ctx], group)
+        k = _expand_kv(_gather(k_cache, table, n_blocks, q.dtype)[:, :, :ctx], group)
+        v = _expand_kv(_gather(v_cache, table, n_blocks, q.dtype)[:, :, :ctx], group)
         qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if sliding_window is None and ctx == n:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rayfleet.kernels import register
+from rayfleet.kernels.attention_ref import store_slots
 
 
 @register("rms_norm", "torch")
@@ -87,11 +88,10 @@ def rope_and_write_kv(
     """RoPE on q and k, then the KV-cache write of (rotated k, v). The rotated k only lands in the
     cache; ``q``, ``k`` and ``v`` are not modified."""
     q_rot, k_rot = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    nb, bs, h, d = k_cache.shape
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(nb * bs, h, d).index_copy_(0, slots, k_rot[keep].to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    store_slots(k_cache, slots, k_rot[keep])
+    store_slots(v_cache, slots, v[keep])
     return q_rot
 
 

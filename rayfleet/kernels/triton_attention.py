@@ -35,7 +35,7 @@ import triton.language as tl
 
 from rayfleet.kernels import register
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.kernels.triton_ops import pdl_enter, pdl_launch, round_to
+from rayfleet.kernels.triton_ops import from_cache, pdl_enter, pdl_launch, round_to
 
 _LOG2E = 1.4426950408889634
 
@@ -148,6 +148,7 @@ def _paged_attention_kernel(
             mask=in_ctx[None, :],
             other=0.0,
         )  # [D, N]
+        k = from_cache(k, q_ptr.dtype.element_ty)
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, N] log2 domain
@@ -165,7 +166,8 @@ def _paged_attention_kernel(
             mask=in_ctx[:, None],
             other=0.0,
         )  # [N, D]
-        p = p.to(v_cache_ptr.dtype.element_ty)  # P @ V runs in the cache dtype, like flash-attn
+        v = from_cache(v, q_ptr.dtype.element_ty)
+        p = p.to(q_ptr.dtype.element_ty)  # P @ V runs in the model dtype, like flash-attn
         if DOT_FP32:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
@@ -292,8 +294,10 @@ def paged_attention(
         raise ValueError(f"head_dim ({head_dim}) and block_size ({page}) must be powers of two")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or v_cache.shape != k_cache.shape:
         raise ValueError("k_cache and v_cache must have the same shape and a unit last stride")
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"q {q.dtype} and the cache {k_cache.dtype}/{v_cache.dtype} must match")
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(
+            f"the cache ({k_cache.dtype}/{v_cache.dtype}) must be in q's dtype ({q.dtype}) or fp8"
+        )
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty_like(q)
@@ -398,6 +402,8 @@ def warm_up(
     dtype: torch.dtype,
     device: torch.device,
     sliding_window: int | None = None,
+    *,
+    kv_dtype: torch.dtype | None = None,
 ) -> int:
     """Compile, on tiny dummy inputs, every variant of the kernels a batch of this head layout
     can select: each tile configuration (by longest query, doubling until BLOCK_M is capped),
@@ -411,7 +417,7 @@ def warm_up(
     longest = max(configs.values())
     blocks = -(-longest // block_size)
     shape = (blocks + 1, block_size, num_kv_heads, head_dim)
-    k_cache = torch.zeros(shape, dtype=dtype, device=device)
+    k_cache = torch.zeros(shape, dtype=kv_dtype or dtype, device=device)
     v_cache = torch.zeros_like(k_cache)
     launches = 0
 

@@ -33,6 +33,34 @@ def round_to(x, TY: tl.constexpr):
     return x.to(TY)
 
 
+FP8_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
+
+
+@triton.jit
+def to_cache(x, TY: tl.constexpr):
+    """A K/V value -> the cache dtype ``TY``, as ``attention_ref.to_cache_dtype`` does it: an fp8
+    (e4m3) cache saturates at +-FP8_MAX and rounds to nearest even. The rounding is done here in
+    fp32, so the final cast is exact: Triton's CPU interpreter rounds fp8 casts half-up and
+    flushes subnormals, the GPU does not."""
+    if TY == tl.float8e4nv:  # noqa: SIM300  (a compile-time dtype test)
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+        bits = x.to(tl.uint32, bitcast=True)  # normal range: keep 3 of 23 mantissa bits
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        # |x| < 2^-6: multiples of 2^-9 (the ulp of 1.5 * 2^14), keeping the sign (-0 too)
+        sub = (tl.abs(x) + 24576.0) - 24576.0
+        sub = (sub.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) < 0.015625, sub, normal)
+    return x.to(TY)
+
+
+@triton.jit
+def from_cache(x, TY: tl.constexpr):
+    """A tile read from the KV cache -> the compute dtype ``TY`` (exact; a no-op unless fp8)."""
+    if x.dtype != TY:
+        x = x.to(tl.float32).to(TY)
+    return x
+
+
 # ---- programmatic dependent launch (Hopper+) -------------------------------------------------
 # A kernel launched with ``launch_pdl=True`` may start while the kernel before it in the stream is
 # still running: its programs run their independent prologue (weight reads) and then block in
@@ -124,12 +152,12 @@ def _write_kv_kernel(
     vc = v_cache_ptr + block * stride_vcb + offset * stride_vcs
     tl.store(
         kc + heads[:, None] * stride_kch + dims[None, :],
-        k.to(k_cache_ptr.dtype.element_ty),
+        to_cache(k, k_cache_ptr.dtype.element_ty),
         mask=mask,
     )
     tl.store(
         vc + heads[:, None] * stride_vch + dims[None, :],
-        v.to(v_cache_ptr.dtype.element_ty),
+        to_cache(v, v_cache_ptr.dtype.element_ty),
         mask=mask,
     )
 
@@ -535,8 +563,8 @@ def _rope_write_kv_kernel(
             + kv_heads[:, None] * stride_kch
             + dims[None, :]
         )
-        tl.store(kc, k1.to(cache_ty), mask=kmask)
-        tl.store(kc + HALF, k2.to(cache_ty), mask=kmask)
+        tl.store(kc, to_cache(k1, cache_ty), mask=kmask)
+        tl.store(kc + HALF, to_cache(k2, cache_ty), mask=kmask)
         vp = v_ptr + tok * stride_vt + kv_heads[:, None] * stride_vh + dims[None, :]
         vc = (
             v_cache_ptr
@@ -546,8 +574,8 @@ def _rope_write_kv_kernel(
             + dims[None, :]
         )
         vty = v_cache_ptr.dtype.element_ty
-        tl.store(vc, tl.load(vp, mask=kmask).to(vty), mask=kmask)
-        tl.store(vc + HALF, tl.load(vp + HALF, mask=kmask).to(vty), mask=kmask)
+        tl.store(vc, to_cache(tl.load(vp, mask=kmask), vty), mask=kmask)
+        tl.store(vc + HALF, to_cache(tl.load(vp + HALF, mask=kmask), vty), mask=kmask)
 
 
 @register("rope_and_write_kv", "triton", priority=0)

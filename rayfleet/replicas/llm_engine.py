@@ -65,6 +65,11 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None) -> torch.dtype:
     return _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
 
 
+def resolve_kv_cache_dtype(requested: str, model_dtype: torch.dtype) -> torch.dtype:
+    """CacheConfig.kv_cache_dtype -> the dtype of the paged K/V tensors."""
+    return model_dtype if requested == "auto" else torch.float8_e4m3fn
+
+
 # Files whose content defines a tokenizer's id <-> text mapping.
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -183,12 +188,14 @@ class Engine:
         for m in (self.model, self.draft_model):
             if m is not None and backend != kernels.REFERENCE:
                 use_kernel_backend(m, backend)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         proposer = None
         if self.draft_model is not None:
             proposer = DraftProposer(
                 self.draft_model,
                 device=self.device,
                 dtype=self.dtype,
+                kv_cache_dtype=self.kv_cache_dtype,
                 block_size=config.cache.block_size,
                 attn_kernels=AttentionKernels.for_backend(backend),
                 eos_token_ids=self.eos_token_ids,
@@ -198,6 +205,7 @@ class Engine:
             self.model,
             device=self.device,
             dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
             block_size=config.cache.block_size,
             attention_backend=backend,
             eos_token_ids=self.eos_token_ids,
@@ -244,11 +252,12 @@ class Engine:
         # while any runs.
         self._history_readers: set[str] = set()
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)",
             self.num_blocks - 1,
             config.cache.block_size,
             (self.num_blocks - 1) * config.cache.block_size,
             self.num_blocks * self.runner.bytes_per_block / 2**20,
+            str(self.kv_cache_dtype).replace("torch.", ""),
         )
         # Start-up leaves a large heap of long-lived objects (imported libraries, modules,
         # kernels, graphs). Move them to the permanent generation: otherwise every full
@@ -276,6 +285,7 @@ class Engine:
                     self.dtype,
                     self.device,
                     window,
+                    kv_dtype=self.kv_cache_dtype,
                 )
         logger.info(
             "attention kernels: %d variants warmed up in %.1f s", launches, time.perf_counter() - t0
@@ -343,7 +353,9 @@ class Engine:
         self.memory_report["cuda_graph_bytes"] = self.runner.graphs.memory_bytes
         logger.info(
             "decode CUDA graphs: %d sizes up to batch %d, %.1f MiB",
-            len(self.runner.graphs.sizes), limit, self.runner.graphs.memory_bytes / 2**20,
+            len(self.runner.graphs.sizes),
+            limit,
+            self.runner.graphs.memory_bytes / 2**20,
         )
 
     def _capture_draft_graphs(self, proposer: DraftProposer, num_spec: int) -> None:

@@ -154,11 +154,13 @@ class ModelRunner:
         num_speculative_tokens: int = 0,
         max_model_len: int | None = None,
         spec_policy: SpecPolicy | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.arch = model.arch
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_cache_dtype or dtype  # of the paged K/V tensors
         self.block_size = block_size
         self.attn_kernels = AttentionKernels.for_backend(attention_backend)
         self.eos_token_ids = eos_token_ids
@@ -192,13 +194,13 @@ class ModelRunner:
             self.block_size,
             self.arch.num_kv_heads,
             self.arch.head_dim,
-            self.dtype,
+            self.kv_dtype,
         )
         return target + (self.proposer.bytes_per_block if self.proposer is not None else 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_tensors(
-            self.arch, num_blocks, self.block_size, self.dtype, self.device
+            self.arch, num_blocks, self.block_size, self.kv_dtype, self.device
         )
         self.num_blocks = num_blocks
         if self.proposer is not None:

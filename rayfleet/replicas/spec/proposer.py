@@ -92,11 +92,13 @@ class DraftProposer:
         attn_kernels: AttentionKernels,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.arch = model.arch
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_cache_dtype or dtype  # of the draft's paged K/V tensors
         self.block_size = block_size
         self.attn_kernels = attn_kernels
         self.eos_token_ids = eos_token_ids
@@ -111,12 +113,12 @@ class DraftProposer:
     def bytes_per_block(self) -> int:
         a = self.arch
         return kv_cache_bytes_per_block(
-            a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.dtype
+            a.num_layers, self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype
         )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_tensors(
-            self.arch, num_blocks, self.block_size, self.dtype, self.device
+            self.arch, num_blocks, self.block_size, self.kv_dtype, self.device
         )
 
     def enable_cuda_graphs(
@@ -403,4 +405,3 @@ class _DraftSampling:
             o += probs.shape[0]
         chunks = [c for c, _ in self.prob_chunks]
         return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]), rows
-
