@@ -6,7 +6,8 @@
 #   latency   batch-1 decode; 1000 x 1000/1000
 #   caching   1000 x 128/128 without / with / without prefix caching (alternating, so warm-up
 #             and order effects show), the middle run beside transformers generate_batch
-#   fp8kv     1000 x 1000/1000 and 1000 x 128/128 with the fp8 KV cache (--kv-cache-dtype fp8)
+#   fp8kv     1000 x 1000/1000 and 1000 x 128/128 with the fp8 KV cache (--kv-cache-dtype fp8) and
+#             up to FP8_MAX_NUM_SEQS (512) running requests
 # JSON to $OUT (default bench/results); a short table last.
 set -uo pipefail
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -35,10 +36,12 @@ for phase in $phases; do
       run 80 --num-requests 1000 --input-len 128 --output-len 128 --no-prefix-caching \
         --output-json "$out/prefix-cost-128x128-nocache-b-H100.json" ;;
     fp8kv)
+      # twice the KV tokens: let the batch grow past the bf16 run's 256 (eager past the graphs)
+      seqs=${FP8_MAX_NUM_SEQS:-512}
       run 330 --num-requests 1000 --input-len 1000 --output-len 1000 --kv-cache-dtype fp8 \
-        --output-json "$out/fast-llama-3-8b-1000x1000-1000-fp8kv.json"
+        --max-num-seqs "$seqs" --output-json "$out/fast-llama-3-8b-1000x1000-1000-fp8kv-$seqs.json"
       run 80 --num-requests 1000 --input-len 128 --output-len 128 --kv-cache-dtype fp8 \
-        --output-json "$out/fast-llama-3-8b-1000x128-128-fp8kv.json" ;;
+        --max-num-seqs "$seqs" --output-json "$out/fast-llama-3-8b-1000x128-128-fp8kv-$seqs.json" ;;
   esac
 done
 python3 - "$out" <<'PY'
