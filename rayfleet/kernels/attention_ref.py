@@ -56,6 +56,14 @@ def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     return x.to(cache_dtype)
 
 
+def gather_blocks(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``cache[index]`` along the block dim; fp8 through bytes (torch < 2.7 cannot index fp8 on
+    CUDA)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return cache.view(torch.uint8)[index].view(cache.dtype)
+    return cache[index]
+
+
 def store_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     """cache [num_blocks, block_size, H, D] at flat slots [n] <- values [n, H, D] (converted by
     to_cache_dtype). fp8 rows are copied as bytes: torch has no fp8 index_copy on CPU."""
@@ -106,8 +114,9 @@ def paged_attention(
             continue
         n_blocks = (ctx_len + block_size - 1) // block_size
         blocks = meta.block_tables[s, :n_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx_len]  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx_len]
+        # [L, Hkv, D] in fp32 (exact for every cache dtype)
+        k = gather_blocks(k_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx_len].float()
+        v = gather_blocks(v_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx_len].float()
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rayfleet.kernels import register
-from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet.kernels.attention_ref import AttentionMetadata, gather_blocks
 
 
 def _gather(
@@ -22,7 +22,7 @@ def _gather(
 ) -> torch.Tensor:
     # cache [num_blocks, bs, Hkv, D], table [B, >=n_blocks] -> [B, Hkv, n_blocks * bs, D] in dtype
     # (an fp8 cache is read into the model dtype)
-    g = cache[table[:, :n_blocks].long()].to(dtype)  # [B, n_blocks, bs, Hkv, D]
+    g = gather_blocks(cache, table[:, :n_blocks].long()).to(dtype)  # [B, n_blocks, bs, Hkv, D]
     b, nb, bs, h, d = g.shape
     return g.reshape(b, nb * bs, h, d).transpose(1, 2)
 

@@ -253,7 +253,10 @@ def gemv(
         raise ValueError(f"input dtype {x.dtype} != weight dtype {weight.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if weight.stride(-1) != 1:
+        # no copy: under PDL the first weight chunk is read before waiting on the kernel before,
+        # which only a weight that no kernel writes allows
+        raise ValueError("gemv needs a weight with unit-stride rows")
     if pid in (RMS, ADD_RMS):
         assert norm_weight is not None
         norm_weight = norm_weight.contiguous()

@@ -43,13 +43,18 @@ def to_cache(x, TY: tl.constexpr):
     fp32, so the final cast is exact: Triton's CPU interpreter rounds fp8 casts half-up and
     flushes subnormals, the GPU does not."""
     if TY == tl.float8e4nv:  # noqa: SIM300  (a compile-time dtype test)
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
-        bits = x.to(tl.uint32, bitcast=True)  # normal range: keep 3 of 23 mantissa bits
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)  # (drops NaN: restored below)
+        r = x.to(tl.uint32, bitcast=True)  # normal range: keep 3 of 23 mantissa bits
+        normal = ((r + 0x7FFFF + ((r >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
         # |x| < 2^-6: multiples of 2^-9 (the ulp of 1.5 * 2^14), keeping the sign (-0 too)
         sub = (tl.abs(x) + 24576.0) - 24576.0
-        sub = (sub.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
-        x = tl.where(tl.abs(x) < 0.015625, sub, normal)
+        sub = (sub.to(tl.uint32, bitcast=True) | (r & 0x80000000)).to(tl.float32, bitcast=True)
+        y = tl.where(tl.abs(x) < 0.015625, sub, normal).to(TY)
+        # NaN -> e4m3's NaN byte (0x7F, with the sign), as torch converts it
+        nan = (((bits >> 24) & 0x80) | 0x7F).to(tl.uint8).to(TY, bitcast=True)
+        return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, nan, y)
     return x.to(TY)
 
 

@@ -189,6 +189,16 @@ class Engine:
             if m is not None and backend != kernels.REFERENCE:
                 use_kernel_backend(m, backend)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
+        if (
+            self.kv_cache_dtype == torch.float8_e4m3fn
+            and self.device.type == "cuda"
+            and backend == "triton"
+            and torch.cuda.get_device_capability(self.device) < (8, 9)
+        ):
+            raise ValueError(
+                "kv_cache_dtype='fp8' with the triton attention backend needs an sm89+ GPU "
+                "(Ada, Hopper or newer); use attention_backend='sdpa' or kv_cache_dtype='auto'"
+            )
         proposer = None
         if self.draft_model is not None:
             proposer = DraftProposer(

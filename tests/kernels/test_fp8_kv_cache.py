@@ -118,3 +118,15 @@ def test_attention_reads_fp8_cache(
     sdpa = attention_sdpa.paged_attention_sdpa(b.q, k8, v8, b.meta, 0.3, None)
     ref = attention_ref.paged_attention(b.q, k8, v8, b.meta, 0.3, None)
     torch.testing.assert_close(sdpa.float(), ref.float(), **close)
+
+
+def test_nan_stays_nan(device: str) -> None:
+    """A NaN K/V value is stored as NaN by every writer, not clamped to a finite value."""
+    k = torch.tensor([[[float("nan"), -float("nan"), 1.0, 500.0]]], device=device)  # [1, 1, 4]
+    caches = [torch.zeros(2, 4, 1, 4, dtype=FP8, device=device) for _ in range(4)]
+    slot = torch.tensor([5], device=device)
+    triton_ops.write_kv(k, k, caches[0], caches[1], slot)
+    attention_ref.write_kv(k, k, caches[2], caches[3], slot)
+    for c in caches:
+        assert c.float().view(-1, 4)[5].tolist()[2:] == [1.0, 448.0]
+        assert c.float().view(-1, 4)[5].isnan().tolist() == [True, True, False, False]

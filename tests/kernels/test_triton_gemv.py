@@ -137,3 +137,27 @@ def test_backend_swap_routes_small_steps_through_gemv(tmp_path) -> None:
     layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     assert layers and all(m.gemv_max_tokens == 1 for m in layers)
     assert isinstance(model.lm_head, ParallelLMHead) and model.lm_head.gemv_max_rows == 1
+
+
+def test_layer_with_a_swapped_linear_keeps_its_own_forward(tmp_path) -> None:
+    """A linear of another class (a quantized one, say) would be bypassed by the GEMV path, so
+    its decoder layer never takes that path; the other layers still do."""
+    from rayfleet.replicas.model.layers import QKVParallelLinear
+    from rayfleet.replicas.model.llama import DecoderLayer
+    from rayfleet.replicas.model.loader import load_model
+    from tests.model_factory import make_tiny_model
+
+    class OtherQKV(QKVParallelLinear):
+        pass
+
+    model = load_model(
+        make_tiny_model(tmp_path / "m", "llama"),
+        dtype=torch.float32,
+        device="cpu",
+        show_progress=False,
+    )
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    layers[0].self_attn.qkv_proj.__class__ = OtherQKV
+    use_kernel_backend(model, "triton")
+    assert [m.gemv_max_tokens for m in layers] == [0] + [1] * (len(layers) - 1)
+    assert layers[0].self_attn.qkv_proj.gemv_backend == "torch"

@@ -259,7 +259,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     gemv_max_rows = 0  # rows up to this go through the backend's "gemv" (use_kernel_backend)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        if hidden.shape[0] <= self.gemv_max_rows:
+        if 0 < hidden.shape[0] <= self.gemv_max_rows:
             y, _ = _gemv(self.gemv_backend, hidden, self.weight, None, "none", None, None)
         else:
             y = F.linear(hidden, self.weight)
@@ -312,19 +312,27 @@ def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
             swapped.update(names)
     if backend != kernels.REFERENCE and backend in kernels.backends("gemv"):
         max_rows = kernels.get("gemv", backend).max_rows
+        # Exact classes only: a quantized or otherwise swapped linear keeps its own forward, and
+        # a decoder layer takes its GEMV path only when every linear in it is a plain one.
+        plain = (
+            ColumnParallelLinear,
+            MergedColumnParallelLinear,
+            QKVParallelLinear,
+            RowParallelLinear,
+        )
         for module in model.modules():
-            # exact classes: a quantized or otherwise swapped linear keeps its own forward
-            if type(module) in (
-                ColumnParallelLinear,
-                MergedColumnParallelLinear,
-                QKVParallelLinear,
-                RowParallelLinear,
-            ):
+            if type(module) in plain:
                 module.gemv_backend = backend
             elif type(module) is ParallelLMHead:
                 module.gemv_backend, module.gemv_max_rows = backend, max_rows
             elif hasattr(module, "gemv_max_tokens"):
-                module.gemv_max_tokens = max_rows
+                linears = [
+                    m
+                    for m in module.modules()
+                    if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+                ]
+                if linears and all(type(m) in plain for m in linears):
+                    module.gemv_max_tokens = max_rows
         swapped.add("gemv")
     return sorted(swapped)
 

@@ -115,7 +115,7 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if hidden.shape[0] <= self.gemv_max_tokens:
+        if 0 < hidden.shape[0] <= self.gemv_max_tokens:
             return self.forward_gemv(hidden, residual, cos, sin, batch)
         if residual is None:
             residual = hidden
