@@ -33,7 +33,7 @@ def round_to(x, TY: tl.constexpr):
     return x.to(TY)
 
 
-FP8_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
+FP8_MAX = tl.constexpr(attention_ref.FP8_MAX)  # a constexpr: kernels read it
 
 
 @triton.jit
