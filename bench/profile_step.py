@@ -124,6 +124,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--cuda-graph-max-batch-size", type=int, default=256)
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--trace-dir", default=None, help="write per-scenario kernel tables here")
     p.add_argument("--output-json", default="bench/results/profile-step.json")
@@ -134,7 +137,9 @@ def main() -> int:
             device="cuda",
             dtype="bfloat16",
             max_model_len=a.max_model_len,
-            max_num_seqs=256,
+            max_num_seqs=a.max_num_seqs,
+            kv_cache_dtype=a.kv_cache_dtype,
+            cuda_graph_max_batch_size=a.cuda_graph_max_batch_size,
             overlap_scheduling={"auto": None, "on": True, "off": False}[a.overlap],
         ),
         model_shape=a.model_shape,
@@ -154,6 +159,8 @@ def main() -> int:
         "benchmark": "profile_step",
         "model": a.model_shape,
         "overlap": getattr(engine, "overlap", None),
+        "kv_cache_dtype": str(engine.kv_cache_dtype).replace("torch.", ""),
+        "cuda_graph_max_batch_size": a.cuda_graph_max_batch_size,
         "machine": machine_info("cuda"),
         "rows": rows,
     }

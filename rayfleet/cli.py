@@ -27,6 +27,12 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
         help="auto = the model dtype; fp8 = float8 e4m3, half the KV bytes per token",
     )
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--cuda-graph-max-batch-size",
+        type=int,
+        default=256,
+        help="decode batches up to this size replay CUDA graphs; larger run eagerly (0 = none)",
+    )
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--engine-seed", type=int, default=0, help="seed of unseeded sampling")
     p.add_argument(
@@ -54,6 +60,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_dtype=a.kv_cache_dtype,
         enable_prefix_caching=not a.no_prefix_caching,
+        cuda_graph_max_batch_size=a.cuda_graph_max_batch_size,
         attention_backend=a.attention_backend,
         seed=a.engine_seed,
         draft_model=a.draft_model,

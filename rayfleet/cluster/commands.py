@@ -24,6 +24,7 @@ _ENGINE_FLAGS = (
     ("--kv-cache-memory-bytes", int, "kv_cache_memory_bytes"),
     ("--gpu-memory-utilization", float, "gpu_memory_utilization"),
     ("--kv-cache-dtype", str, "kv_cache_dtype"),
+    ("--cuda-graph-max-batch-size", int, "cuda_graph_max_batch_size"),
 )
 
 

@@ -61,12 +61,18 @@ def test_fp8_cache_output_is_close_to_full_precision(model_dir: Path) -> None:
 
 def test_fp8_cache_on_triton_matches_the_reference_backend(model_dir: Path) -> None:
     """Both backends quantize K/V to the same bytes and read them back exactly, so greedy output
-    agrees token for token (on CPU the Triton kernels run in its interpreter)."""
+    agrees token for token (on a GPU when there is one; on CPU the Triton kernels run in its
+    interpreter)."""
     pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = [list(range(3, 30)), [7, 1, 9]]
-    ref = llm(model_dir, "fp8", attention_backend="torch").generate(prompts, params)
-    tri = llm(model_dir, "fp8", attention_backend="triton", block_size=8).generate(prompts, params)
+    ref = llm(model_dir, "fp8", attention_backend="torch", device=dev).generate(prompts, params)
+    tri = llm(model_dir, "fp8", attention_backend="triton", block_size=8, device=dev).generate(
+        prompts, params
+    )
     assert [o.token_ids for o in tri] == [o.token_ids for o in ref]
-    one = llm(model_dir, "fp8", attention_backend="triton").generate(prompts[:1], params)
+    one = llm(model_dir, "fp8", attention_backend="triton", device=dev).generate(
+        prompts[:1], params
+    )
     assert one[0].token_ids == ref[0].token_ids  # alone: its decode takes the GEMV path
