@@ -505,6 +505,13 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                         "target_s": {f"{n:.0f}": t for n, t in policy.target.points()},
                         "draft_s": {f"{n:.0f}": t for n, t in policy.draft.points()},
                         "sync_overhead_s": {f"{n:.0f}": t for n, t in policy.overhead.points()},
+                        "catchup_s_per_token": policy.catchup_s_per_token,
+                        # realized tokens/s of full speculating steps per batch bucket
+                        "realized_tok_s": {
+                            str(b): sum(n for n, _ in w) / sum(t for _, t in w)
+                            for b, w in policy.realized.items()
+                            if w
+                        },
                     }
                 out["spec"].append(row)
                 print(
@@ -537,9 +544,7 @@ def summary_table(result: dict[str, Any]) -> str:
     for (temp, want, b), rows in by_key.items():
         base = speed["baseline_by_temperature"][str(temp)][b]["output_tok_s"]
         level = f"{'greedy' if temp == 0.0 else 'T=1'} a={want:g}"
-        cells = "".join(
-            f"{rows[c]['speedup']:>9.2f}x" if c in rows else f"{'-':>10}" for c in cols
-        )
+        cells = "".join(f"{rows[c]['speedup']:>9.2f}x" if c in rows else f"{'-':>10}" for c in cols)
         ad = rows.get("adaptive", {})
         acc = ad.get("acceptance_rate")
         stats = ad.get("policy_stats")
@@ -571,9 +576,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             )
             if pts:
                 label = f"batch {b}" if temp == 1.0 else f"batch {b}, greedy"
-                ax.plot(
-                    [p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=label
-                )
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=label)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("measured per-token acceptance (first draft position)")
     ax.set_ylabel("output tok/s: speculative / plain")

@@ -123,6 +123,7 @@ def run_engine(engine, prompts: list[list[int]], output_len: int, device: str) -
     last: dict[str, float] = {}
     itl: list[float] = []
     rids = [engine.add_request(p, params) for p in prompts]
+    preempted0 = engine.scheduler.num_preemptions_total
     n_out = 0
     steps = 0
     while engine.has_unfinished():
@@ -156,6 +157,8 @@ def run_engine(engine, prompts: list[list[int]], output_len: int, device: str) -
         "ttft_s": percentiles(ttft),
         "itl_s": percentiles(itl),
         "decode_tok_s_per_request": percentiles(decode),
+        # requests sent back to waiting for KV blocks (their tokens are recomputed)
+        "preemptions": engine.scheduler.num_preemptions_total - preempted0,
     }
 
 

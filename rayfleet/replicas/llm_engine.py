@@ -513,7 +513,8 @@ class Engine:
         for rid, n in sched.num_scheduled_tokens.items():
             if rid not in sampled or n > 1 + len(sched.spec_token_ids.get(rid, ())):
                 return
-        policy.observe_step(len(sched.num_scheduled_tokens), seconds)
+        num_tokens = sum(len(ids) for ids in sampled.values())
+        policy.observe_step(len(sched.num_scheduled_tokens), seconds, num_tokens)
 
     def _speculation_paused(self) -> bool:
         """Without a draft model, always. With one, while the policy plans no drafts and no

@@ -424,12 +424,26 @@ class ModelRunner:
         inp = self._prepare(sched)
         if inp is None:
             return RunnerOutput()
+        # The cost model's T(n) is the device's time for the step (from its first kernel to its
+        # sampled ids) where events can time it: a speculation-off step overlaps its host work
+        # with the previous step's device work, so that is what it costs; a speculating step's
+        # host work is priced apart (H, spec/adaptive.py). Elsewhere: wall time from here.
+        timed = self.proposer is not None and self.device.type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if timed else None
+        if events is not None:
+            events[0].record()
         logits = self._forward(inp)
         out = RunnerOutput()
         if logits is not None:
             self._sample(logits, inp.sample_rids, inp.num_spec, out)
         if self.proposer is not None:
-            self._speculate(sched, inp.starts, inp.sample_rids, out, t_start)
+            if events is not None:
+                events[1].record()
+                events[1].synchronize()  # sampling synchronized already: returns at once
+                seconds = events[0].elapsed_time(events[1]) / 1e3
+            else:
+                seconds = time.perf_counter() - t_start
+            self._speculate(sched, inp.starts, inp.sample_rids, out, seconds)
         return out
 
     # ---- overlapped scheduling -----------------------------------------------------------------
@@ -583,9 +597,10 @@ class ModelRunner:
         starts: dict[str, int],
         sample_rids: list[str],
         out: RunnerOutput,
-        t_start: float,
+        target_seconds: float,
     ) -> None:
-        """Time the target step, plan the next step's drafts, run the draft, refresh flags."""
+        """Report the target step's time, plan the next step's drafts, run the draft, refresh
+        flags."""
         assert self.proposer is not None and self.spec_policy is not None
         policy = self.spec_policy
         scheduled = sched.num_scheduled_tokens
@@ -604,27 +619,31 @@ class ModelRunner:
             if q <= self.num_speculative_tokens + 1:
                 b = len(sample_rids)
                 n = b * q if self._graph_covers(b, q) else num_tokens
-                policy.observe_target(n, time.perf_counter() - t_start)
+                policy.observe_target(n, target_seconds)
         candidates = []
+        lags = []  # (verified tokens the draft has not run over, tokens it may still generate)
         for rid in sample_rids:
             st = self.requests[rid]
-            cap = min(
-                self.num_speculative_tokens,
-                max_num_spec_tokens(
-                    len(st.token_ids),
-                    len(st.output_token_ids),
-                    st.params.max_tokens,
-                    self.max_model_len,
-                ),
+            left = max_num_spec_tokens(
+                len(st.token_ids),
+                len(st.output_token_ids),
+                st.params.max_tokens,
+                self.max_model_len,
             )
+            cap = min(self.num_speculative_tokens, left)
             if cap > 0 and not self._finished_by_token(st):
                 candidates.append((rid, cap))
+                lags.append((len(st.token_ids) - st.draft_num_computed, left + 1))
         b = len(sample_rids)
+        steady = max(sched.num_active_requests, len(scheduled)) if chunk_tokens else None
         plan = policy.plan(
             candidates,
             num_requests=b,
             base_tokens=b + chunk_tokens,
             max_padded_k=self._max_padded_k(b) if chunk_tokens == 0 else 0,
+            steady_requests=steady,
+            steady_padded_k=self._max_padded_k(steady) if steady else 0,
+            draft_lag=lags,
         )
         reqs = [
             self._draft_request(rid, self.requests[rid], len(self.requests[rid].token_ids), k)
@@ -654,6 +673,8 @@ class ModelRunner:
                     out.spec_token_ids[r.request_id] = list(drafts)
             for num_drafting, seconds in proposals.timings:
                 policy.observe_draft(num_drafting, seconds)
+            if proposals.catchup is not None:
+                policy.observe_catchup(*proposals.catchup)
         self._refresh_draft_flags(scheduled, starts)
 
     def _graph_covers(self, num_seqs: int, q: int) -> bool:

@@ -205,7 +205,7 @@ class RandomSpecPolicy(FixedSpecPolicy):
         super().__init__(0)
         self.rng = random.Random(seed)
 
-    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0):
+    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0, **_steady):
         return {rid: self.rng.randint(0, cap) for rid, cap in candidates}
 
 
@@ -305,7 +305,7 @@ class RecordingPolicy(FixedSpecPolicy):
         self.targets: list[int] = []
         self.drafts: list[int] = []
 
-    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0):
+    def plan(self, candidates, *, num_requests, base_tokens, max_padded_k=0, **_steady):
         self.plans.append((num_requests, base_tokens, max_padded_k))
         return super().plan(candidates, num_requests=num_requests, base_tokens=base_tokens)
 

@@ -45,6 +45,9 @@ class SwitchingPolicy(FixedSpecPolicy):
         num_requests: int,
         base_tokens: int,
         max_padded_k: int = 0,
+        steady_requests: int | None = None,
+        steady_padded_k: int = 0,
+        draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, int]:
         on = self.force if self.force is not None else self._on_left > 0
         if on:

@@ -176,3 +176,17 @@ def test_routing_load_counts_waiting_requests_net_of_their_cache_hits():
         run_step(s)
     run_step(s)
     assert s.requests["b"].num_cached_tokens == 32
+
+
+def test_output_names_the_batch_a_prefill_is_growing_into():
+    """Requests running or waiting after scheduling, capped at max_num_seqs: what the
+    speculation policy plans prefill steps for."""
+    s = make_sched(max_num_seqs=3, max_num_batched_tokens=16)
+    for i in range(5):
+        s.add_request(req(f"r{i}", 12))
+    so = run_step(s)  # r0 whole, r1 a 4-token chunk; 3 still wait
+    assert so.num_scheduled_tokens == {"r0": 12, "r1": 4}
+    assert so.num_active_requests == 3
+    for _ in range(40):
+        run_step(s)
+    assert s.schedule().num_active_requests == 0

@@ -454,7 +454,7 @@ def simulate_engine(
                 d = h100_like_draft(drafting)
                 policy.observe_draft(drafting, d)
                 t += k_next * d
-        policy.observe_step(batch, t)
+        policy.observe_step(batch, t, step_tokens)
         tokens += step_tokens
         seconds += t
     return tokens / seconds, spec_steps
@@ -474,7 +474,7 @@ def test_measured_sync_overhead_turns_off_what_the_forwards_alone_misprice() -> 
         return AdaptiveSpecPolicy(5, tracker=AcceptanceTracker(prior=0.9))
 
     blind = policy()
-    blind.observe_step = lambda num_requests, seconds: None  # type: ignore[method-assign]
+    blind.observe_step = lambda num_requests, seconds, num_tokens=0: None  # type: ignore[method-assign]
     got_blind, spec_blind = simulate_engine(blind, batch, rate, 512, host_s=host)
     assert spec_blind > 500 and got_blind < 0.91 * off_rate
     aware = policy()
@@ -492,3 +492,110 @@ def test_measured_sync_overhead_keeps_a_winning_plan() -> None:
     got, spec_steps = simulate_engine(policy, 1, 0.9, 256, host_s=0.0005)
     assert policy.overhead(1) == pytest.approx(0.0005)
     assert spec_steps >= 250 and got > 2.3 * off_rate
+
+
+class DeafCurve(CostCurve):
+    """A curve that never learns (a cost the model cannot see)."""
+
+    def observe(self, size: int, seconds: float) -> None:
+        pass
+
+
+def test_realized_rates_veto_what_the_cost_model_misprices() -> None:
+    """The batch-96 case above with the sync overhead H hidden from the model too: the forwards
+    alone price k = 1 at 1.29x, but a speculating step yields 10.3k tok/s against 12.0k off.
+    The realized rate of the first 4 steps between full plans vetoes speculation; the retrials
+    (after 128 plans, then 256, 512, ...) re-measure it with 5 speculating steps each."""
+    batch, rate, host = 96, 0.9, 0.006
+    off_rate = batch / h100_like_target(batch)
+    policy = AdaptiveSpecPolicy(5, tracker=AcceptanceTracker(prior=0.9))
+    policy.overhead = DeafCurve()
+    got, spec_steps = simulate_engine(policy, batch, rate, 2048, host_s=host)
+    assert policy.overhead(batch) is None
+    # realized: 96 * (1 + 0.9 + ...) tokens per verification + drafts + 6 ms of host work
+    assert 0.85 * off_rate < policy._realized(batch) < off_rate
+    retrials = 4  # at plans ~128, ~384, ~896, ~1920
+    assert policy.stats.vetoed >= 1
+    assert spec_steps - policy.stats.probes - policy.stats.explores_on <= 5 * (1 + retrials)
+    assert got > 0.97 * off_rate
+    # without the veto (the same blindness) speculation runs throughout, 14% slower
+    blind = AdaptiveSpecPolicy(5, tracker=AcceptanceTracker(prior=0.9), min_realized=10**9)
+    blind.overhead = DeafCurve()
+    got_blind, spec_blind = simulate_engine(blind, batch, rate, 512, host_s=host)
+    assert spec_blind > 500 and got_blind < 0.91 * off_rate
+
+
+def test_realized_rates_keep_a_plan_that_wins() -> None:
+    """Batch 1 at 0.9: single steps yield 1 to 6 tokens; the realized rate (summed over recent
+    steps) stays far above speculation off, so nothing is vetoed."""
+    policy = AdaptiveSpecPolicy(5)
+    got, spec_steps = simulate_engine(policy, 1, 0.9, 512, host_s=0.0005)
+    assert policy.stats.vetoed == 0
+    assert policy._realized(1) > 2.3 / h100_like_target(1)
+    assert spec_steps >= 500
+
+
+def warm_policy(batch: int) -> AdaptiveSpecPolicy:
+    """Curves measured at ``batch`` (decode, verifications up to k = 5, drafts)."""
+    policy = AdaptiveSpecPolicy(5, tracker=AcceptanceTracker(prior=0.9))
+    for k in range(6):
+        for _ in range(2):
+            policy.observe_target(batch * (1 + k), h100_like_target(batch * (1 + k)))
+    for _ in range(2):
+        policy.observe_draft(batch, h100_like_draft(batch))
+    return policy
+
+
+def test_prefill_steps_speculate_only_where_their_decode_batch_would() -> None:
+    """A step with prefill chunks drafts only if decode steps of the batch it grows into would
+    (same curves, same acceptance): 64 requests decoding while 192 more prefill, in a batch of
+    256, draft nothing; in a batch of 8 they draft."""
+    rids = [(f"r{i}", 5) for i in range(64)]
+    big = warm_policy(256)
+    plan = big.plan(
+        rids, num_requests=64, base_tokens=64 + 8192, steady_requests=256, steady_padded_k=5
+    )
+    assert not any(plan.values()) and big.stats.prefill_off == 1
+    assert big.speculation_paused(256)  # the prefill steps that follow run overlapped
+    assert not any(big.plan(rids, num_requests=256, base_tokens=256, max_padded_k=5).values())
+    small = warm_policy(8)
+    plan = small.plan(
+        rids[:4], num_requests=4, base_tokens=4 + 512, steady_requests=8, steady_padded_k=5
+    )
+    assert all(plan.values()) and small.stats.prefill_off == 0
+    # unmeasured there: off during prefill (decode steps explore, prefill steps cannot measure)
+    cold = AdaptiveSpecPolicy(5)
+    plan = cold.plan(rids[:4], num_requests=4, base_tokens=516, steady_requests=8)
+    assert not any(plan.values())
+
+
+def test_draft_catch_up_is_priced_over_the_tokens_left() -> None:
+    """64 requests whose drafts fell 130 tokens behind (speculation was off), draft catch-up
+    measured at 4 us per token (a 1B draft). With 3 tokens left each, catching up costs
+    64 * 124 * 4 us = 32 ms for at most 2 extra tokens per request: no drafts. With 500
+    left, it is spread over the 32-step horizon (1 ms per step): the plan still drafts."""
+    rids = [(f"r{i}", 5) for i in range(64)]
+    policy = warm_policy(64)
+    policy.observe_catchup(8192, 8192 * 4e-6)
+    assert policy.catchup_s_per_token == pytest.approx(4e-6)
+    policy.observe_catchup(10, 1.0)  # too few tokens to price: ignored
+    assert policy.catchup_s_per_token == pytest.approx(4e-6)
+    in_sync = policy.plan(rids, num_requests=64, base_tokens=64, max_padded_k=5)
+    in_sync_rate = policy.last_plan.tokens_per_s
+    ending = policy.plan(
+        [(rid, 2) for rid, _ in rids],
+        num_requests=64,
+        base_tokens=64,
+        max_padded_k=5,
+        draft_lag=[(130, 3)] * 64,
+    )
+    assert not any(ending.values())
+    long_left = policy.plan(
+        rids, num_requests=64, base_tokens=64, max_padded_k=5, draft_lag=[(130, 500)] * 64
+    )
+    # still drafts, deeper (a fixed cost per step favours more tokens per step: k = 3, not 2)
+    assert set(in_sync.values()) == {2} and set(long_left.values()) == {3}
+    assert policy.last_plan.tokens_per_s < in_sync_rate
+    # a lag the proposal feeds anyway (the last step's k + 1 tokens) costs nothing extra
+    assert policy._catchup([0.9], [5], [(6, 3)]) == [0.0]
+    assert policy._catchup([0.9], [5], [(130, 3)]) == [124.0]  # 1 step left at most

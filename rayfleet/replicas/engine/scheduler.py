@@ -69,6 +69,9 @@ class SchedulerOutput:
     # The scheduled Request objects (scheduler-side, the runner ignores them): update() applies
     # a step's tokens only to these very objects, not to a later request reusing an id.
     requests: dict[str, Request] = field(default_factory=dict)
+    # Requests running or waiting after this step was scheduled, at most max_num_seqs: the
+    # batch a step with prefill chunks is growing into (the speculation policy plans for it).
+    num_active_requests: int = 0
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -197,6 +200,7 @@ class Scheduler:
             self.running.append(req)
             self._emit(req, n, out)
             budget -= n
+        out.num_active_requests = min(len(self.running) + len(self.waiting), self.max_num_seqs)
         return out
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:

@@ -24,10 +24,12 @@ H(n_req) is the host work a speculating step adds (module section "Sync overhead
 speculation-off step overlaps its host work with the device and costs T(n_base).
 
 The cost curves are learnt online by the runner (``observe_target`` / ``observe_draft``) from
-steady-state steps only: target steps of decode/verification shape (no prefill chunk), timed from
-input building to sampled ids (the same span for graph replays and eager steps), and proposals
-whose first forward was not a catch-up prefill. Each curve keeps a window of recent samples per
-size bucket (its median: one slow outlier does not switch speculation off).
+steady-state steps only: target steps of decode/verification shape (no prefill chunk), timed on
+the device from the step's first kernel to its sampled ids on CUDA (a speculation-off step
+overlaps its input building with the previous step, so its device time is what it costs; timed
+from input building elsewhere), and proposals whose first forward was not a catch-up prefill.
+Each curve keeps a window of recent samples per size bucket (its median: one slow outlier does
+not switch speculation off).
 
 Exploration. Speculation-off throughput T(n_base) must be measured near n_base before any plan
 trusts it: the controller takes a speculation-off step when that bucket was never measured, then
@@ -51,6 +53,30 @@ H = wall - T(n_verify) of the one - k * D(m) of the other, in a third curve over
 size (same buckets, medians, interpolation and extrapolation as T and D). Host work does not
 depend on the acceptance rate, so the curve stays valid when acceptance moves; until a bucket is
 measured the curve extrapolates from the batch sizes that were (0 before any).
+
+Realized rates. The cost model can misprice (acceptance that is not i.i.d. across positions,
+host work that varies, curves learnt at other contexts), so what speculation really delivers is
+checked: for each step between two full speculating plans the engine reports the tokens it
+emitted, and the policy keeps, per batch bucket, the recent such steps' tokens and wall seconds.
+When at least ``min_realized`` of them are in and their rate (tokens over seconds, summed: a
+batch-1 step yields 1 to k + 1 tokens, so single steps are noisy) falls below
+``realized_min_gain`` x the speculation-off rate n / T(n), a full plan at that bucket is vetoed
+(speculation off). The veto is revisited by dropping that bucket's samples after
+``probe_interval`` plans, then after twice as many each time it is confirmed (up to
+``max_probe_interval``); a retrial costs the few speculating steps that re-measure it.
+
+Draft catch-up. While speculation is off for a request its draft KV falls behind; the first
+proposal after that feeds the draft every verified token since (a prefill). A plan pays for its
+drafting requests' catch-up, spread over the steps each has left (tokens left over expected
+tokens per step, at most ``catchup_horizon``), at the measured seconds per catch-up token
+(``observe_catchup``): a request 130 tokens behind with 3 tokens to go is not worth drafting
+for; one with 500 to go is.
+
+Prefill steps. A step that carries prefill chunks cannot be measured (its cost is the chunks'),
+and drafting in it also feeds the chunks to the draft. It speculates only if a decode step of the
+batch it is growing into (requests running or waiting, ``steady_requests``) would: a full plan
+there, with that batch's measured T and not vetoed. A burst of 256 arrivals then drafts nothing
+while its prefills run, instead of drafting for the first requests to finish their prompts.
 
 Pausing. Planning needs the previous step's sampled tokens, so an engine that overlaps scheduling
 with the device (one step in flight) can only plan on synchronous steps. ``speculation_paused``
@@ -185,21 +211,29 @@ def plan_speculation(
     min_gain: float = 1.02,
     max_padded_k: int = 0,
     overhead: float = 0.0,
+    catchup: Sequence[float] | None = None,
+    catchup_s_per_token: float = 0.0,
 ) -> Plan:
     """Choose drafts per candidate request (``rates``/``caps`` aligned); see the module docstring.
 
     ``num_requests`` requests sample next step (candidates included), ``base_tokens`` is the step's
     token count without drafts. A plan whose longest draft run is at most ``max_padded_k`` is
     verified by a padded CUDA graph (num_requests * (1 + k) tokens). ``overhead``: seconds of
-    host work every speculating plan adds (H). Unknown costs: with no
+    host work every speculating plan adds (H). ``catchup`` (aligned with ``rates``): draft
+    tokens each request must catch up on before it can propose, per step of the horizon they
+    are spread over; a plan pays ``catchup_s_per_token`` for those of its drafting requests.
+    Unknown costs: with no
     target measurement at all the plan is the UNMEASURED_THRESHOLD one (the step speculates and
     so gets measured); an unmeasured draft counts as free.
     """
     # Requests with the same (rate on the grid, cap) get the same k: plan per group.
     keys = [(round(r * RATE_GRID) / RATE_GRID, c) for r, c in zip(rates, caps)]
     groups: dict[tuple[float, int], int] = {}
-    for key in keys:
+    group_catchup: dict[tuple[float, int], float] = {}
+    for i, key in enumerate(keys):
         groups[key] = groups.get(key, 0) + 1
+        if catchup is not None:
+            group_catchup[key] = group_catchup.get(key, 0.0) + catchup[i]
     t_off = target_time(base_tokens)
     if t_off is None:
         chosen = {g: drafts_worth(g[0], UNMEASURED_THRESHOLD, g[1]) for g in groups}
@@ -208,6 +242,7 @@ def plan_speculation(
     floor = off * min_gain  # a plan must beat this (and every plan before it)
     gkeys = list(groups)
     sizes = [groups[g] for g in gkeys]
+    catch = [group_catchup.get(g, 0.0) * catchup_s_per_token for g in gkeys]
     # tokens[i][k]: expected tokens per request of group i with k drafts (k <= its cap).
     tokens = [[expected_tokens(rate, k) for k in range(cap + 1)] for rate, cap in gkeys]
     best: list[int] | None = None
@@ -226,7 +261,8 @@ def plan_speculation(
         if t_target is None:
             t_target = target_time(verify_tokens) or 0.0
         t_draft = draft_time(num_drafting) or 0.0
-        rate = (num_requests + extra) / (t_target + max(ks) * t_draft + overhead)
+        t_catchup = sum(c for c, k in zip(catch, ks) if k)
+        rate = (num_requests + extra) / (t_target + max(ks) * t_draft + overhead + t_catchup)
         if rate > best_rate and rate > floor:
             best, best_rate, best_times = ks, rate, (t_target, max(ks) * t_draft)
 
@@ -244,9 +280,7 @@ def plan_speculation(
         verify_tokens = base_tokens + num_requests * k
         t_target = target_time(verify_tokens) or 0.0
         upper = sum(n * (t[min(k, len(t) - 1)] - 1.0) for n, t in zip(sizes, tokens))
-        if t_target > 0 and (num_requests + upper) / (t_target + overhead) <= max(
-            best_rate, floor
-        ):
+        if t_target > 0 and (num_requests + upper) / (t_target + overhead) <= max(best_rate, floor):
             continue
         for join in joins:
             ks = [min(cap, k) if j else 0 for (_, cap), j in zip(gkeys, join)]
@@ -310,7 +344,10 @@ class AcceptanceTracker:
 class SpecPolicy(Protocol):
     """What the runner asks each step. ``candidates`` are (request_id, most drafts allowed);
     ``max_padded_k``: verification steps with at most this many drafts per request replay a
-    padded CUDA graph (0: none)."""
+    padded CUDA graph (0: none). ``steady_requests`` is given for a step with prefill chunks:
+    the batch it is growing into (``steady_padded_k``: that batch's max_padded_k).
+    ``draft_lag`` (aligned with ``candidates``): (verified tokens the draft has not run over,
+    tokens the request may still generate)."""
 
     def plan(
         self,
@@ -319,6 +356,9 @@ class SpecPolicy(Protocol):
         num_requests: int,
         base_tokens: int,
         max_padded_k: int = 0,
+        steady_requests: int | None = None,
+        steady_padded_k: int = 0,
+        draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, int]: ...
 
     def observe_verification(self, request_id: str, drafted: int, accepted: int) -> None: ...
@@ -327,9 +367,14 @@ class SpecPolicy(Protocol):
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None: ...
 
-    def observe_step(self, num_requests: int, seconds: float) -> None:
+    def observe_catchup(self, num_tokens: int, seconds: float) -> None:
+        """A draft forward that caught up on ``num_tokens`` tokens took ``seconds``."""
+        ...
+
+    def observe_step(self, num_requests: int, seconds: float, num_tokens: int = 0) -> None:
         """A steady-state engine step (no prefill) of ``num_requests`` requests took ``seconds``
-        of wall time; called after the step's plan / skip_plan."""
+        of wall time and emitted ``num_tokens`` tokens; called after the step's plan /
+        skip_plan."""
         ...
 
     def forget(self, request_id: str) -> None: ...
@@ -358,6 +403,9 @@ class FixedSpecPolicy:
         num_requests: int,
         base_tokens: int,
         max_padded_k: int = 0,
+        steady_requests: int | None = None,
+        steady_padded_k: int = 0,
+        draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, int]:
         return {rid: min(cap, self.per_request.get(rid, self.k)) for rid, cap in candidates}
 
@@ -370,7 +418,10 @@ class FixedSpecPolicy:
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
         pass
 
-    def observe_step(self, num_requests: int, seconds: float) -> None:
+    def observe_catchup(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_step(self, num_requests: int, seconds: float, num_tokens: int = 0) -> None:
         pass
 
     def forget(self, request_id: str) -> None:
@@ -394,6 +445,8 @@ class PolicyStats:
     probes: int = 0  # speculating steps (a few requests) forced after an off streak
     drafts: int = 0  # drafts planned in total
     skipped: int = 0  # steps run without a plan while speculation was paused
+    vetoed: int = 0  # full plans turned off by realized rates below the speculation-off rate
+    prefill_off: int = 0  # prefill steps kept off: their batch's decode steps would not draft
 
 
 class AdaptiveSpecPolicy:
@@ -412,6 +465,9 @@ class AdaptiveSpecPolicy:
         max_probe_interval: int = 4096,
         explore_requests: int = 4,
         pause_replan_interval: int = 128,
+        min_realized: int = 4,
+        realized_min_gain: float = 1.02,
+        catchup_horizon: int = 32,
     ) -> None:
         self.max_k = max_k
         self.tracker = tracker or AcceptanceTracker()
@@ -426,6 +482,18 @@ class AdaptiveSpecPolicy:
         self.max_probe_interval = max_probe_interval
         self.explore_requests = explore_requests
         self.pause_replan_interval = pause_replan_interval
+        self.min_realized = min_realized
+        self.realized_min_gain = realized_min_gain
+        self.catchup_horizon = catchup_horizon
+        # Seconds per token of draft catch-up forwards (a decayed mean; None: not measured,
+        # catch-up counts as free until it is).
+        self.catchup_s_per_token: float | None = None
+        # Per batch bucket: (tokens, seconds) of recent steps between two full plans,
+        # and, while a veto stands, the plan number at which its samples are dropped for a
+        # retrial and the interval until the next one.
+        self.realized: dict[int, deque[tuple[int, float]]] = {}
+        self._retrial_at: dict[int, int] = {}
+        self._retrial_every: dict[int, int] = {}
         self._probe_every = probe_interval
         self._off_streak = 0
         self._num_plans = 0
@@ -448,6 +516,9 @@ class AdaptiveSpecPolicy:
         num_requests: int,
         base_tokens: int,
         max_padded_k: int = 0,
+        steady_requests: int | None = None,
+        steady_padded_k: int = 0,
+        draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, int]:
         self._num_plans += 1
         self._skipped = 0
@@ -456,7 +527,14 @@ class AdaptiveSpecPolicy:
         if not candidates:
             return {}
         self.stats.plans += 1
-        if self._explore_due(base_tokens):
+        if steady_requests is not None and not self._steady_speculates(
+            candidates, steady_requests, steady_padded_k
+        ):
+            self.stats.prefill_off += 1
+            self.last_plan = None
+            self._paused_bucket = _bucket(steady_requests)
+            return {rid: 0 for rid, _ in candidates}
+        if steady_requests is None and self._explore_due(base_tokens):
             # Measure speculation off at this batch before trusting an extrapolation.
             self._explored_at[_bucket(base_tokens)] = self._num_plans
             self.last_plan = None
@@ -464,20 +542,17 @@ class AdaptiveSpecPolicy:
             return {rid: 0 for rid, _ in candidates}
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
-        plan = plan_speculation(
-            rates,
-            caps,
-            num_requests=num_requests,
-            base_tokens=base_tokens,
-            target_time=self.target,
-            draft_time=self.draft,
-            min_gain=self.min_gain,
-            max_padded_k=max_padded_k,
-            overhead=self.overhead(num_requests) or 0.0,
-        )
+        plan = self._price(rates, caps, num_requests, base_tokens, max_padded_k, draft_lag)
+        if any(plan.num_spec) and self._vetoed(num_requests, plan.off_tokens_per_s):
+            self.stats.vetoed += 1
+            plan = Plan([0] * len(candidates), plan.off_tokens_per_s, plan.off_tokens_per_s)
         if any(plan.num_spec):
             self._off_streak = 0
-            k_explore = self._exploration_k(plan.num_spec, num_requests, base_tokens, max_padded_k)
+            k_explore = (
+                0
+                if steady_requests is not None  # a prefill step measures nothing
+                else self._exploration_k(plan.num_spec, num_requests, base_tokens, max_padded_k)
+            )
             if k_explore:
                 # T(n_verify) was never measured this high: find out with a few requests and
                 # the shallowest verification not measured yet (a cheap step to learn the slope).
@@ -485,7 +560,8 @@ class AdaptiveSpecPolicy:
                 plan.num_spec = self._few([min(k, k_explore) for k in plan.num_spec], rates)
             else:  # a measured win: probing may start over
                 self._probe_every = self.probe_interval
-                self._full = plan
+                # (a prefill step's plan is priced with its chunks: no H / realized sample after)
+                self._full = plan if steady_requests is None else None
         else:
             self._off_streak += 1
             if self._off_streak >= self._probe_every:
@@ -521,12 +597,90 @@ class AdaptiveSpecPolicy:
             and self._off_streak + 1 < self._probe_every
         )
 
-    def observe_step(self, num_requests: int, seconds: float) -> None:
-        """Between two full speculating plans: a sample of H (module docstring)."""
+    def observe_step(self, num_requests: int, seconds: float, num_tokens: int = 0) -> None:
+        """Between two full speculating plans: a sample of H and, given the tokens emitted, of
+        the realized rate (module docstring)."""
         prev, cur = self._prev_full, self._full
-        if prev is not None and cur is not None:
+        if prev is not None and cur is not None and seconds > 0:
             h = seconds - prev.verify_s - cur.draft_s
             self.overhead.observe(num_requests, max(h, 1e-6))
+            if num_tokens > 0:
+                window = self.realized.setdefault(_bucket(num_requests), deque(maxlen=16))
+                window.append((num_tokens, seconds))
+
+    def _vetoed(self, num_requests: int, off_rate: float) -> bool:
+        """Whether realized rates at this batch bucket say a full plan loses to speculation off
+        (module docstring, "Realized rates"); schedules and runs the retrials."""
+        b = _bucket(num_requests)
+        realized = self._realized(num_requests)
+        if realized is None:
+            return False
+        if realized >= off_rate * self.realized_min_gain:
+            self._retrial_at.pop(b, None)
+            self._retrial_every.pop(b, None)
+            return False
+        due = self._retrial_at.get(b)
+        if due is None:
+            every = self._retrial_every.get(b, self.probe_interval // 2)
+            every = min(2 * every, self.max_probe_interval)
+            self._retrial_every[b] = every
+            self._retrial_at[b] = self._num_plans + every
+            return True
+        if self._num_plans < due:
+            return True
+        del self._retrial_at[b]  # retrial: measure the plan again
+        self.realized[b].clear()
+        return False
+
+    def _realized(self, num_requests: int) -> float | None:
+        """Realized tokens/s of recent full speculating steps in this batch bucket (None: fewer
+        than ``min_realized`` of them)."""
+        window = self.realized.get(_bucket(num_requests))
+        if window is None or len(window) < self.min_realized:
+            return None
+        return sum(n for n, _ in window) / sum(t for _, t in window)
+
+    def _price(
+        self,
+        rates: list[float],
+        caps: list[int],
+        num_requests: int,
+        base_tokens: int,
+        max_padded_k: int,
+        draft_lag: Sequence[tuple[int, int]] | None = None,
+    ) -> Plan:
+        """``plan_speculation`` with this policy's curves, overhead and catch-up price."""
+        return plan_speculation(
+            rates,
+            caps,
+            num_requests=num_requests,
+            base_tokens=base_tokens,
+            target_time=self.target,
+            draft_time=self.draft,
+            min_gain=self.min_gain,
+            max_padded_k=max_padded_k,
+            overhead=self.overhead(num_requests) or 0.0,
+            catchup=self._catchup(rates, caps, draft_lag),
+            catchup_s_per_token=self.catchup_s_per_token or 0.0,
+        )
+
+    def _steady_speculates(
+        self, candidates: Sequence[tuple[str, int]], steady_requests: int, padded_k: int
+    ) -> bool:
+        """Whether a decode step of ``steady_requests`` requests (the candidates, the others at
+        the replica-wide acceptance rate) would get a full speculating plan."""
+        n = max(steady_requests, len(candidates))
+        if self.target(n) is None or self.target.count_near(n) < self.min_samples:
+            return False  # not known to win there: the decode steps explore first
+        rates = [self.tracker.rate(rid) for rid, _ in candidates]
+        caps = [min(cap, self.max_k) for _, cap in candidates]
+        rates += [self.tracker.global_rate] * (n - len(candidates))
+        caps += [self.max_k] * (n - len(candidates))
+        plan = self._price(rates, caps, n, n, padded_k)
+        if not any(plan.num_spec):
+            return False
+        realized = self._realized(n)
+        return realized is None or realized >= plan.off_tokens_per_s * self.realized_min_gain
 
     def skip_plan(self) -> None:
         """A step ran without a plan while paused: a speculation-off plan for the schedules."""
@@ -577,6 +731,35 @@ class AdaptiveSpecPolicy:
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
         self.draft.observe(num_tokens, seconds)
+
+    def observe_catchup(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens < 64 or seconds <= 0:  # too small to price per token
+            return
+        per = seconds / num_tokens
+        old = self.catchup_s_per_token
+        self.catchup_s_per_token = per if old is None else 0.7 * old + 0.3 * per
+
+    def _catchup(
+        self,
+        rates: Sequence[float],
+        caps: Sequence[int],
+        draft_lag: Sequence[tuple[int, int]] | None,
+    ) -> list[float] | None:
+        """Per candidate, the draft tokens to catch up on per step of its horizon (module
+        docstring, "Draft catch-up"): a lag past what a proposal feeds anyway (the last step's
+        k + 1 tokens, priced in D) spread over the steps the request has left at its expected
+        tokens per step, at most ``catchup_horizon``."""
+        if draft_lag is None:
+            return None
+        out = []
+        for rate, cap, (lag, left) in zip(rates, caps, draft_lag):
+            extra = lag - (self.max_k + 1)
+            if extra <= 0 or cap <= 0:
+                out.append(0.0)
+                continue
+            steps = min(max(left / expected_tokens(rate, cap), 1.0), self.catchup_horizon)
+            out.append(extra / steps)
+        return out
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)

@@ -79,6 +79,9 @@ class DraftProposals:
     # waits for it); elsewhere the proposal's wall time over its forwards. A first forward that
     # was a catch-up prefill (more than 3 tokens per request) is left out.
     timings: list[tuple[int, float]] = field(default_factory=list)
+    # (tokens fed, seconds) of a first forward that was a catch-up prefill, on CUDA: the cost
+    # model's price of draft catch-up.
+    catchup: tuple[int, float] | None = None
 
 
 class DraftProposer:
@@ -221,6 +224,9 @@ class DraftProposer:
             out.token_ids[r.request_id] = d[: r.num_spec]
         out.probs, out.prob_rows = sampling.probs(drafting)
         steady = num_fed <= 3 * len(reqs)
+        if not steady:
+            first = timer.first()
+            out.catchup = None if first is None else (num_fed, first)
         per_forward = timer.per_forward(skip_first=not steady)
         if per_forward is not None:
             out.timings.append((len(drafting), per_forward))
@@ -241,6 +247,12 @@ class _ForwardTimer:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             self.events.append(ev)
+
+    def first(self) -> float | None:
+        """Seconds of forward 1 (with its logits and sampling); None without events."""
+        if self.events is None or len(self.events) < 2:
+            return None
+        return self.events[0].elapsed_time(self.events[1]) / 1e3
 
     def per_forward(self, skip_first: bool) -> float | None:
         """Mean seconds per forward (forward 1 left out if ``skip_first``); None without events
