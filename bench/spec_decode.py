@@ -24,7 +24,8 @@ rounding and the layers' residual noise; both rates are reported). Levels: greed
 greedy per-token rate (the i.i.d. rate a with 1 + a + ... + a^8 = its mean accepted length at
 k = 8; ``--greedy-acceptance`` when part 1 did not run) and temperature 1 at ``--acceptance``.
 
-For each level and batch size (``--batch-sizes``), output tokens/s (prefill included) with
+For each level and batch size (``--batch-sizes``), output tokens/s (prefill included; the median
+of ``--repeats`` runs, all of them in the JSON) with
 speculation (the adaptive policy with at most ``--num-speculative-tokens`` drafts, and each fixed
 k of ``--fixed-k``) and without (no draft loaded), and the speedup. One engine with the draft and
 one without serve every run (CUDA graphs for decode, verification and draft steps are captured
@@ -97,6 +98,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-speculative-tokens", type=int, default=8)
     p.add_argument("--fixed-k", default="2,4,8", help="fixed-k policies to compare ('' for none)")
     p.add_argument("--cold-policy", action="store_true", help="fresh cost curves every run")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per measurement (baseline and speculative alike); the median is reported",
+    )
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--tau", type=float, default=3.0, help="logit scale of the shared path")
@@ -338,6 +345,22 @@ def run_engine(
     }
 
 
+def run_median(
+    engine: Engine,
+    prompts: list[list[int]],
+    output_len: int,
+    device: str,
+    temperature: float,
+    repeats: int,
+):
+    """``run_engine`` ``repeats`` times; the run with the median output tokens/s (its outputs),
+    with every run's tokens/s under "runs_tok_s"."""
+    runs = [run_engine(engine, prompts, output_len, device, temperature) for _ in range(repeats)]
+    runs.sort(key=lambda r: r[1]["output_tok_s"])
+    outs, res = runs[len(runs) // 2]
+    return outs, {**res, "runs_tok_s": [r[1]["output_tok_s"] for r in runs]}
+
+
 def _free(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -433,7 +456,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
             if not budget.left():
                 out["skipped"].append({"batch": b, "what": f"baseline T={temp}"})
                 continue
-            _, res = run_engine(eng, prompts[b], a.output_len, a.device, temp)
+            _, res = run_median(eng, prompts[b], a.output_len, a.device, temp, a.repeats)
             rows[b] = res
             print(f"baseline T={temp} batch={b}: {res['output_tok_s']:.1f} tok/s")
     out["baseline"] = out["baseline_by_temperature"].get("1.0", {})
@@ -484,7 +507,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                     continue
                 policy = adaptive(measured) if kind == "adaptive" else FixedSpecPolicy(k)
                 eng.runner.spec_policy = policy
-                outs, res = run_engine(eng, prompts[b], a.output_len, a.device, temp)
+                outs, res = run_median(eng, prompts[b], a.output_len, a.device, temp, a.repeats)
                 spec = _spec_summary(outs)
                 row = {
                     "target_acceptance": want,

@@ -730,10 +730,18 @@ class ModelRunner:
         recompute the flags of the blocks the target wrote this step (positions
         [start, start + n)) and of those the change of dv moved across."""
         bs = self.block_size
+        valid = self._draft_block_valid
         for rid, n in scheduled.items():
             st = self.requests[rid]
             written_from, written_to = starts[rid], starts[rid] + n
             dv = min(st.draft_num_computed, len(st.token_ids))
+            if n == 1 and dv == st.flags_dv:
+                # The common case, a decode step that moved no dv (every step while speculation
+                # is paused, where this runs on the host's critical path): one block to flag.
+                i = written_from // bs
+                if i < len(st.block_ids):
+                    valid[st.block_ids[i]] = (i + 1) * bs <= dv
+                continue
             lo, hi = sorted((st.flags_dv, dv))
             n_blocks = len(st.block_ids)
             for first, end in (
@@ -741,7 +749,7 @@ class ModelRunner:
                 (written_from // bs, -(-written_to // bs)),
             ):
                 for i in range(first, min(end, n_blocks)):
-                    self._draft_block_valid[st.block_ids[i]] = (i + 1) * bs <= dv
+                    valid[st.block_ids[i]] = (i + 1) * bs <= dv
             st.flags_dv = dv
 
 

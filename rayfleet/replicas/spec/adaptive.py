@@ -81,7 +81,9 @@ while its prefills run, instead of drafting for the first requests to finish the
 Pausing. Planning needs the previous step's sampled tokens, so an engine that overlaps scheduling
 with the device (one step in flight) can only plan on synchronous steps. ``speculation_paused``
 says, before a step is scheduled, whether it may skip planning and run overlapped: the last plan
-drafted nothing for a batch of about this size (same half-octave bucket), it was made fewer than
+drafted nothing for a batch of about this size (same half-octave bucket) while some candidate
+could still draft ``max_k`` (a plan off only because every request is about to finish would
+otherwise keep the next request at that batch size from speculating), it was made fewer than
 ``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
 moved: re-plan now and then), and the next plan would not be a probe. A speculation-off
 exploration (one step measuring T(n_base)) does not pause. Each skipped plan
@@ -137,6 +139,12 @@ class CostCurve:
         samples.append((size, seconds))
         self._counts[b] = self._counts.get(b, 0) + 1
         self._sorted = None
+
+    def settled(self, size: float) -> float | None:
+        """``self(size)``, or None while the curve holds a single observation: that one is
+        provisional, and a policy that acted on an inflated first draft or overhead sample would
+        stop speculating and so never take the second."""
+        return self(size) if sum(self._counts.values()) >= 2 else None
 
     def count_near(self, size: int) -> int:
         """Observations in ``size``'s bucket."""
@@ -582,7 +590,9 @@ class AdaptiveSpecPolicy:
         if step_on:
             self.stats.speculating += 1
             self.stats.drafts += sum(plan.num_spec)
-        else:
+        elif max(caps) >= self.max_k:
+            # (not when every candidate is near its end: the off plan then says nothing about
+            # the requests that will replace them)
             self._paused_bucket = _bucket(num_requests)
         for (rid, _), k in zip(candidates, plan.num_spec):
             if step_on and k == 0:
@@ -656,10 +666,10 @@ class AdaptiveSpecPolicy:
             num_requests=num_requests,
             base_tokens=base_tokens,
             target_time=self.target,
-            draft_time=self.draft,
+            draft_time=self.draft.settled,
             min_gain=self.min_gain,
             max_padded_k=max_padded_k,
-            overhead=self.overhead(num_requests) or 0.0,
+            overhead=self.overhead.settled(num_requests) or 0.0,
             catchup=self._catchup(rates, caps, draft_lag),
             catchup_s_per_token=self.catchup_s_per_token or 0.0,
         )
