@@ -531,7 +531,7 @@ class Engine:
 
     def _step_overlapped(self) -> list[RequestOutput]:
         """Launch the next step, then finish the one in flight (see the module docstring)."""
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(lookahead=False)  # an overlapped step never drafts
         launched = self.runner.launch(sched)
         outputs = self._finish_inflight() if self._inflight is not None else []
         if launched is not None:

@@ -120,6 +120,7 @@ class Scheduler:
     ) -> None:
         self.block_size = block_size
         self.num_lookahead_tokens = num_lookahead_tokens
+        self._use_lookahead = True  # per step: see schedule()
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -154,7 +155,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- the step ------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, *, lookahead: bool = True) -> SchedulerOutput:
+        """The next step. ``lookahead=False``: the step will not run the draft (speculation is
+        paused), so no slots are reserved past each request's verified tokens for its KV."""
+        self._use_lookahead = lookahead
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.max_num_batched_tokens
@@ -218,7 +222,7 @@ class Scheduler:
         """Slots for the draft's KV past this step's tokens; only when the step reaches the end of
         the verified tokens (only then does the draft propose), and never past what the request
         can ever hold: the draft writes positions < num_tokens + max_num_spec_tokens <= cap."""
-        if not self.num_lookahead_tokens:
+        if not self.num_lookahead_tokens or not self._use_lookahead:
             return 0
         total = (req.num_computed_tokens if num_computed is None else num_computed) + n
         if total < req.num_tokens:
