@@ -528,7 +528,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                         "target_s": {f"{n:.0f}": t for n, t in policy.target.points()},
                         "draft_s": {f"{n:.0f}": t for n, t in policy.draft.points()},
                         "sync_overhead_s": {f"{n:.0f}": t for n, t in policy.overhead.points()},
-                        "catchup_s_per_token": policy.catchup_s_per_token,
+                        "catchup_s": {f"{n:.0f}": t for n, t in policy.catchup.points()},
                         # realized tokens/s of full speculating steps per batch bucket
                         "realized_tok_s": {
                             str(b): sum(n for n, _ in w) / sum(t for _, t in w)

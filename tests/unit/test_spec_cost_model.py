@@ -571,16 +571,15 @@ def test_prefill_steps_speculate_only_where_their_decode_batch_would() -> None:
 
 
 def test_draft_catch_up_is_priced_over_the_tokens_left() -> None:
-    """64 requests whose drafts fell 130 tokens behind (speculation was off), draft catch-up
-    measured at 4 us per token (a 1B draft). With 3 tokens left each, catching up costs
-    64 * 124 * 4 us = 32 ms for at most 2 extra tokens per request: no drafts. With 500
+    """64 requests whose drafts fell 130 tokens behind (speculation was off); a catch-up forward
+    measured at 1 ms for 128 tokens and 33 ms for 8192 (a 1B draft: a fixed cost, then ~4 us
+    per token). Feeding all 64 lags (8320 tokens) costs 33.5 ms. With 3 tokens left each,
+    that is paid within one step for at most 2 extra tokens per request: no drafts. With 500
     left, it is spread over the 32-step horizon (1 ms per step): the plan still drafts."""
     rids = [(f"r{i}", 5) for i in range(64)]
     policy = warm_policy(64)
-    policy.observe_catchup(8192, 8192 * 4e-6)
-    assert policy.catchup_s_per_token == pytest.approx(4e-6)
-    policy.observe_catchup(10, 1.0)  # too few tokens to price: ignored
-    assert policy.catchup_s_per_token == pytest.approx(4e-6)
+    policy.observe_catchup(128, 0.001)
+    policy.observe_catchup(8192, 0.033)
     in_sync = policy.plan(rids, num_requests=64, base_tokens=64, max_padded_k=5)
     in_sync_rate = policy.last_plan.tokens_per_s
     ending = policy.plan(
@@ -598,8 +597,13 @@ def test_draft_catch_up_is_priced_over_the_tokens_left() -> None:
     assert set(in_sync.values()) == {2} and set(long_left.values()) == {3}
     assert policy.last_plan.tokens_per_s < in_sync_rate
     # a lag the proposal feeds anyway (the last step's k + 1 tokens) costs nothing extra
-    assert policy._catchup([0.9], [5], [(6, 3)]) == [0.0]
-    assert policy._catchup([0.9], [5], [(130, 3)]) == [124.0]  # 1 step left at most
+    assert policy._catchup([0.9], [5], [(6, 3)]) == ([0.0], 0.0)
+    per_step, per_token = policy._catchup([0.9], [5], [(130, 3)])
+    assert per_step == [124.0]  # 1 step left at most
+    # one request's 130 tokens: priced near the small forward's (fixed-cost) rate, ~8 us/token
+    assert per_token == pytest.approx((0.001 + 2 * (0.032 / 8064)) / 130)
+    _, per_token_all = policy._catchup([0.9] * 64, [5] * 64, [(130, 3)] * 64)
+    assert per_token_all == pytest.approx((0.001 + (8320 - 128) * (0.032 / 8064)) / 8320)
 
 
 def test_a_request_about_to_finish_does_not_pause_the_next_one() -> None:

@@ -68,9 +68,9 @@ batch-1 step yields 1 to k + 1 tokens, so single steps are noisy) falls below
 Draft catch-up. While speculation is off for a request its draft KV falls behind; the first
 proposal after that feeds the draft every verified token since (a prefill). A plan pays for its
 drafting requests' catch-up, spread over the steps each has left (tokens left over expected
-tokens per step, at most ``catchup_horizon``), at the measured seconds per catch-up token
-(``observe_catchup``): a request 130 tokens behind with 3 tokens to go is not worth drafting
-for; one with 500 to go is.
+tokens per step, at most ``catchup_horizon``), at the seconds per token of a catch-up forward
+of that size (a fourth curve, over the tokens a catch-up feeds: ``observe_catchup``): a request
+130 tokens behind with 3 tokens to go is not worth drafting for; one with 500 to go is.
 
 Prefill steps. A step that carries prefill chunks cannot be measured (its cost is the chunks'),
 and drafting in it also feeds the chunks to the draft. It speculates only if a decode step of the
@@ -493,9 +493,8 @@ class AdaptiveSpecPolicy:
         self.min_realized = min_realized
         self.realized_min_gain = realized_min_gain
         self.catchup_horizon = catchup_horizon
-        # Seconds per token of draft catch-up forwards (a decayed mean; None: not measured,
-        # catch-up counts as free until it is).
-        self.catchup_s_per_token: float | None = None
+        # Seconds of a draft catch-up forward by the tokens it feeds (unmeasured: free).
+        self.catchup = CostCurve()
         # Per batch bucket: (tokens, seconds) of recent steps between two full plans,
         # and, while a veto stands, the plan number at which its samples are dropped for a
         # retrial and the interval until the next one.
@@ -660,6 +659,7 @@ class AdaptiveSpecPolicy:
         draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> Plan:
         """``plan_speculation`` with this policy's curves, overhead and catch-up price."""
+        catchup, per_token = self._catchup(rates, caps, draft_lag)
         return plan_speculation(
             rates,
             caps,
@@ -670,8 +670,8 @@ class AdaptiveSpecPolicy:
             min_gain=self.min_gain,
             max_padded_k=max_padded_k,
             overhead=self.overhead.settled(num_requests) or 0.0,
-            catchup=self._catchup(rates, caps, draft_lag),
-            catchup_s_per_token=self.catchup_s_per_token or 0.0,
+            catchup=catchup,
+            catchup_s_per_token=per_token,
         )
 
     def _steady_speculates(
@@ -743,33 +743,34 @@ class AdaptiveSpecPolicy:
         self.draft.observe(num_tokens, seconds)
 
     def observe_catchup(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens < 64 or seconds <= 0:  # too small to price per token
-            return
-        per = seconds / num_tokens
-        old = self.catchup_s_per_token
-        self.catchup_s_per_token = per if old is None else 0.7 * old + 0.3 * per
+        self.catchup.observe(num_tokens, seconds)
 
     def _catchup(
         self,
         rates: Sequence[float],
         caps: Sequence[int],
         draft_lag: Sequence[tuple[int, int]] | None,
-    ) -> list[float] | None:
+    ) -> tuple[list[float] | None, float]:
         """Per candidate, the draft tokens to catch up on per step of its horizon (module
         docstring, "Draft catch-up"): a lag past what a proposal feeds anyway (the last step's
         k + 1 tokens, priced in D) spread over the steps the request has left at its expected
-        tokens per step, at most ``catchup_horizon``."""
+        tokens per step, at most ``catchup_horizon``; and the seconds per token of the catch-up
+        forward that would feed all the lagging candidates' tokens (its measured time at that
+        size over the size: small catch-ups are dominated by a forward's fixed cost)."""
         if draft_lag is None:
-            return None
+            return None, 0.0
         out = []
+        fed = 0
         for rate, cap, (lag, left) in zip(rates, caps, draft_lag):
             extra = lag - (self.max_k + 1)
             if extra <= 0 or cap <= 0:
                 out.append(0.0)
                 continue
+            fed += lag
             steps = min(max(left / expected_tokens(rate, cap), 1.0), self.catchup_horizon)
             out.append(extra / steps)
-        return out
+        seconds = self.catchup(fed) if fed else None
+        return out, (seconds / fed if seconds is not None else 0.0)
 
     def forget(self, request_id: str) -> None:
         self.tracker.forget(request_id)
