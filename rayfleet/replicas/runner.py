@@ -437,11 +437,11 @@ class ModelRunner:
         if logits is not None:
             self._sample(logits, inp.sample_rids, inp.num_spec, out)
         if self.proposer is not None:
-            if events is not None:
+            if events is not None and logits is not None:
                 events[1].record()
                 events[1].synchronize()  # sampling synchronized already: returns at once
                 seconds = events[0].elapsed_time(events[1]) / 1e3
-            else:
+            else:  # (nothing sampled: no synchronization to wait for, and the time is unused)
                 seconds = time.perf_counter() - t_start
             self._speculate(sched, inp.starts, inp.sample_rids, out, seconds)
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 
 import pytest
 
@@ -15,6 +16,7 @@ from rayfleet.replicas.spec.adaptive import (
     expected_tokens,
     plan_speculation,
 )
+from rayfleet.replicas.spec.adaptive import _bucket as adaptive_bucket
 
 
 def curve(*points: tuple[int, float]) -> CostCurve:
@@ -645,3 +647,30 @@ def test_a_single_inflated_draft_sample_does_not_stop_speculation() -> None:
     for _ in range(3):
         slow.observe_draft(1, 0.0086)
     assert not any(slow.plan([("a", 5)], num_requests=1, base_tokens=1, max_padded_k=5).values())
+
+
+def test_a_prefill_step_at_an_unmeasured_batch_does_not_pause() -> None:
+    """Nothing measured at batch 4 yet: the prefill step drafts nothing and does not pause, so
+    the decode steps that follow plan (and explore) instead of running overlapped for
+    ``pause_replan_interval`` steps."""
+    policy = AdaptiveSpecPolicy(5)
+    plan = policy.plan([("a", 5)], num_requests=1, base_tokens=1 + 512, steady_requests=4)
+    assert plan == {"a": 0} and policy.stats.prefill_off == 1
+    assert not policy.speculation_paused(4)
+
+
+def test_a_prefill_step_keeps_the_veto_schedule() -> None:
+    """A veto at batch 2 schedules its retrial. A prefill step in which those 2 requests decode
+    while the batch grows to 8 (nothing realized there yet: it may draft) must not judge the
+    veto by its own off rate (its chunk's, far lower): the schedule stays."""
+    policy = warm_policy(2)
+    # 100 tok/s realized: below decode off (2 per 8 ms), above the prefill step's (2 per 85 ms)
+    policy.realized[adaptive_bucket(2)] = deque([(100, 1.0)] * 4, maxlen=16)
+    for _ in range(2):  # a prefill step's size measured too (85 ms)
+        policy.observe_target(2050, h100_like_target(2050))
+    rids = [("a", 5), ("b", 5)]
+    assert policy.plan(rids, num_requests=2, base_tokens=2, max_padded_k=5) == {"a": 0, "b": 0}
+    assert policy.stats.vetoed == 1
+    schedule = dict(policy._retrial_at), dict(policy._retrial_every)
+    policy.plan(rids, num_requests=2, base_tokens=2 + 2048, steady_requests=8)
+    assert (dict(policy._retrial_at), dict(policy._retrial_every)) == schedule

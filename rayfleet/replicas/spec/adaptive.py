@@ -142,8 +142,9 @@ class CostCurve:
 
     def settled(self, size: float) -> float | None:
         """``self(size)``, or None while the curve holds a single observation: that one is
-        provisional, and a policy that acted on an inflated first draft or overhead sample would
-        stop speculating and so never take the second."""
+        provisional, and a policy that acted on an inflated first draft, overhead or catch-up
+        sample would stop speculating and so never take the second. (Curve-wide: a first sample
+        at a new size, once others are in, is trusted.)"""
         return self(size) if sum(self._counts.values()) >= 2 else None
 
     def count_near(self, size: int) -> int:
@@ -534,12 +535,16 @@ class AdaptiveSpecPolicy:
         if not candidates:
             return {}
         self.stats.plans += 1
-        if steady_requests is not None and not self._steady_speculates(
-            candidates, steady_requests, steady_padded_k
-        ):
+        steady = (
+            None
+            if steady_requests is None
+            else self._steady_speculates(candidates, steady_requests, steady_padded_k)
+        )
+        if steady_requests is not None and not steady:
             self.stats.prefill_off += 1
             self.last_plan = None
-            self._paused_bucket = _bucket(steady_requests)
+            if steady is False:  # priced off there (unmeasured: let its decode steps explore)
+                self._paused_bucket = _bucket(steady_requests)
             return {rid: 0 for rid, _ in candidates}
         if steady_requests is None and self._explore_due(base_tokens):
             # Measure speculation off at this batch before trusting an extrapolation.
@@ -550,7 +555,12 @@ class AdaptiveSpecPolicy:
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
         plan = self._price(rates, caps, num_requests, base_tokens, max_padded_k, draft_lag)
-        if any(plan.num_spec) and self._vetoed(num_requests, plan.off_tokens_per_s):
+        # (a prefill step's off rate is its chunks': _steady_speculates checked the decode batch)
+        if (
+            steady_requests is None
+            and any(plan.num_spec)
+            and self._vetoed(num_requests, plan.off_tokens_per_s)
+        ):
             self.stats.vetoed += 1
             plan = Plan([0] * len(candidates), plan.off_tokens_per_s, plan.off_tokens_per_s)
         if any(plan.num_spec):
@@ -589,7 +599,7 @@ class AdaptiveSpecPolicy:
         if step_on:
             self.stats.speculating += 1
             self.stats.drafts += sum(plan.num_spec)
-        elif max(caps) >= self.max_k:
+        elif max(caps) >= self.max_k:  # (the runner builds the policy with its own max k)
             # (not when every candidate is near its end: the off plan then says nothing about
             # the requests that will replace them)
             self._paused_bucket = _bucket(num_requests)
@@ -676,12 +686,13 @@ class AdaptiveSpecPolicy:
 
     def _steady_speculates(
         self, candidates: Sequence[tuple[str, int]], steady_requests: int, padded_k: int
-    ) -> bool:
+    ) -> bool | None:
         """Whether a decode step of ``steady_requests`` requests (the candidates, the others at
-        the replica-wide acceptance rate) would get a full speculating plan."""
+        the replica-wide acceptance rate) would get a full speculating plan; None when T is not
+        measured at that size (the decode steps explore first)."""
         n = max(steady_requests, len(candidates))
         if self.target(n) is None or self.target.count_near(n) < self.min_samples:
-            return False  # not known to win there: the decode steps explore first
+            return None
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
         rates += [self.tracker.global_rate] * (n - len(candidates))
@@ -769,7 +780,7 @@ class AdaptiveSpecPolicy:
             fed += lag
             steps = min(max(left / expected_tokens(rate, cap), 1.0), self.catchup_horizon)
             out.append(extra / steps)
-        seconds = self.catchup(fed) if fed else None
+        seconds = self.catchup.settled(fed) if fed else None
         return out, (seconds / fed if seconds is not None else 0.0)
 
     def forget(self, request_id: str) -> None:
