@@ -333,10 +333,11 @@ def paged_attention(
     # bf16 values is what the tensor cores compute (exact products, fp32 accumulation).
     dot_fp32 = q.device.type == "cpu" and q.dtype == torch.bfloat16
     num_warps = 8 if block_m * head_dim >= 128 * 128 else 4
-    if k_cache.dtype == torch.float8_e4m3fn and block_m <= 16:
+    if k_cache.dtype == torch.float8_e4m3fn and block_m <= 16 and head_dim <= 128:
         # Decode tiles over an fp8 cache convert twice the elements per byte read: with 4 warps
         # they reached 1.55-2.1 TB/s on an H100 (3.0 TB/s copy), with 2 warps 2.25-2.55
-        # (.scratch sweep over BLOCK_N 32-128, 2-8 warps, 2-4 stages; bf16 gains nothing).
+        # (.scratch sweep over BLOCK_N 32-128, 2-8 warps, 2-4 stages; bf16 gains nothing;
+        # head_dim 128 only: larger heads keep 4 warps, unmeasured).
         num_warps = 2
     grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
