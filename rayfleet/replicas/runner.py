@@ -83,6 +83,9 @@ class PendingStep:
     states: list[tuple[str, _RunnerRequest]]  # the sampling requests, in row order
     host_tokens: torch.Tensor  # [len(states)] int64 on the host (pinned on CUDA)
     ready: torch.cuda.Event | None  # recorded after the device-to-host copy (CUDA)
+    # With a draft model, a decode step's (tokens, start, end) events: its device time feeds the
+    # speculation policy's T(n) when the tokens arrive (no synchronous step to measure it).
+    timing: tuple[int, torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -468,12 +471,30 @@ class ModelRunner:
             assert not any(inp.num_spec), "an overlapped step verifies no drafts"
             self._refresh_draft_flags(sched.num_scheduled_tokens, inp.starts)
             self.spec_policy.skip_plan()
+        # A decode step (no prefill chunk) of paused speculation feeds T(n) too, timed as
+        # execute() times it: on the device with events read when its tokens arrive (CUDA), else
+        # by the wall clock here (the CPU computes synchronously).
+        timing = None
+        b = len(inp.sample_rids)
+        timed = (
+            self.proposer is not None
+            and b == len(sched.num_scheduled_tokens) == sched.total_num_scheduled_tokens
+        )
+        t0 = time.perf_counter()
+        if timed and self.device.type == "cuda":
+            timing = (b, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[1].record()
         logits = self._forward(inp)
         if logits is None:
             return None
         states = [(rid, self.requests[rid]) for rid in inp.sample_rids]
         rows = [self._sampler_row(st) for _, st in states]
         tokens = self.sampler.sample_on_device(logits, rows)  # [R] int64
+        if timing is not None:
+            timing[2].record()
+        elif timed and tokens.device.type != "cuda":
+            assert self.spec_policy is not None
+            self.spec_policy.observe_target(b, time.perf_counter() - t0)
         for _, st in states:
             st.num_pending += 1
         self._prev_tokens = tokens
@@ -484,7 +505,7 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingStep(states=states, host_tokens=host, ready=ready)
+        return PendingStep(states=states, host_tokens=host, ready=ready, timing=timing)
 
     def resolve(self, step: PendingStep) -> RunnerOutput:
         """Wait for a launched step's tokens; append them to the requests the runner still holds
@@ -492,6 +513,9 @@ class ModelRunner:
         sampled all the same: the scheduler decides what a token still means)."""
         if step.ready is not None:
             step.ready.synchronize()
+        if step.timing is not None and self.spec_policy is not None:
+            n, start, end = step.timing
+            self.spec_policy.observe_target(n, start.elapsed_time(end) / 1e3)
         out = RunnerOutput()
         for (rid, st), tok in zip(step.states, step.host_tokens.tolist()):
             out.sampled_token_ids[rid] = [tok]

@@ -212,3 +212,31 @@ def test_abort_during_an_overlapped_step_frees_both_caches(target: Path) -> None
     eng.step()
     assert not eng.runner.requests
     assert_pool_full(llm)
+
+
+class TimedPolicy(FixedSpecPolicy):
+    """Never drafts (so every decode step overlaps); records the target timings it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.targets: list[tuple[int, float]] = []
+
+    def observe_target(self, num_tokens: int, seconds: float) -> None:
+        self.targets.append((num_tokens, seconds))
+
+
+def test_overlapped_decode_steps_feed_the_target_cost_curve(target: Path) -> None:
+    """While speculation is paused every decode step overlaps, and each one (no prefill chunk
+    in it) reports its time at its batch size: T(n_base) stays measured without synchronous
+    exploration steps. Steps that carry a prefill report nothing."""
+    policy = TimedPolicy()
+    llm = spec_llm(target, policy)
+    counts = count_steps(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm.generate(PROMPTS, params)
+    assert counts["execute"] == 0 and counts["launch"] > 0
+    sizes = [n for n, _ in policy.targets]
+    # 4 requests prefill in the first step, then decode together until all have 12 tokens
+    assert sizes == [4] * 11
+    assert all(t > 0 for _, t in policy.targets)
+    assert_pool_full(llm)

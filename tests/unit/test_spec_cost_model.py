@@ -674,3 +674,17 @@ def test_a_prefill_step_keeps_the_veto_schedule() -> None:
     schedule = dict(policy._retrial_at), dict(policy._retrial_every)
     policy.plan(rids, num_requests=2, base_tokens=2 + 2048, steady_requests=8)
     assert (dict(policy._retrial_at), dict(policy._retrial_every)) == schedule
+
+
+def test_target_samples_of_the_base_size_postpone_its_refresh_exploration() -> None:
+    """After the first exploration at batch 64, a refresh is due every ``refresh_interval``
+    plans, counted from the latest T sample of that size (overlapped off steps report them),
+    not from the exploration."""
+    policy = warm_policy(64)
+    policy._explored_at[adaptive_bucket(64)] = 0
+    policy._num_plans = 300
+    assert policy._explore_due(64)
+    policy.observe_target(64, h100_like_target(64))  # an overlapped step, at plan 300
+    assert not policy._explore_due(64)
+    policy._num_plans = 300 + policy.refresh_interval
+    assert policy._explore_due(64)

@@ -27,7 +27,9 @@ The cost curves are learnt online by the runner (``observe_target`` / ``observe_
 steady-state steps only: target steps of decode/verification shape (no prefill chunk), timed on
 the device from the step's first kernel to its sampled ids on CUDA (a speculation-off step
 overlaps its input building with the previous step, so its device time is what it costs; timed
-from input building elsewhere), and proposals whose first forward was not a catch-up prefill.
+from input building elsewhere; the overlapped steps of paused speculation are timed too, on CUDA
+read when their tokens arrive, so T(n_base) stays fresh and a measured bucket needs no
+synchronous exploration), and proposals whose first forward was not a catch-up prefill.
 Each curve keeps a window of recent samples per size bucket (its median: one slow outlier does
 not switch speculation off).
 
@@ -506,6 +508,7 @@ class AdaptiveSpecPolicy:
         self._off_streak = 0
         self._num_plans = 0
         self._explored_at: dict[int, int] = {}  # base-tokens bucket -> plan number
+        self._measured_at: dict[int, int] = {}  # T bucket -> plan number of its latest sample
         # Batch bucket of the last plan if it drafted nothing (None: it drafted, or no plan yet),
         # and the plans skipped since it.
         self._paused_bucket: int | None = None
@@ -736,9 +739,12 @@ class AdaptiveSpecPolicy:
         return out
 
     def _explore_due(self, base_tokens: int) -> bool:
-        last = self._explored_at.get(_bucket(base_tokens))
+        b = _bucket(base_tokens)
+        last = self._explored_at.get(b)
         if last is None:
             return self.target.count_near(base_tokens) == 0
+        # the latest exploration, or a target step of that size since (overlapped off steps)
+        last = max(last, self._measured_at.get(b, -1))
         since = self._num_plans - last
         if self.target.count_near(base_tokens) < self.min_samples:
             return since >= self.explore_interval
@@ -749,6 +755,7 @@ class AdaptiveSpecPolicy:
 
     def observe_target(self, num_tokens: int, seconds: float) -> None:
         self.target.observe(num_tokens, seconds)
+        self._measured_at[_bucket(num_tokens)] = self._num_plans
 
     def observe_draft(self, num_tokens: int, seconds: float) -> None:
         self.draft.observe(num_tokens, seconds)
