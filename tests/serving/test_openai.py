@@ -25,13 +25,15 @@ def test_completion(client, cluster: Cluster) -> None:
     assert r.object == "text_completion" and r.model == model
     assert r.choices[0].finish_reason in ("length", "stop")
     assert r.usage.completion_tokens <= 7 and r.usage.prompt_tokens > 0
-    # Same request streamed: same text, chunk by chunk.
+    # Same request streamed: same text, in chunks. (How many depends on timing: tokens the engine
+    # makes before the stream's consumer runs again are merged into one message, by design; on
+    # 2 busy cores all 7 can arrive at once.)
     chunks = list(
         client.completions.create(
             model=model, prompt="hello", max_tokens=7, temperature=0, stream=True
         )
     )
-    assert len(chunks) >= 2
+    assert 1 <= len(chunks) <= r.usage.completion_tokens + 1
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
