@@ -120,7 +120,6 @@ class Scheduler:
     ) -> None:
         self.block_size = block_size
         self.num_lookahead_tokens = num_lookahead_tokens
-        self._use_lookahead = True  # per step: see schedule()
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -158,7 +157,7 @@ class Scheduler:
     def schedule(self, *, lookahead: bool = True) -> SchedulerOutput:
         """The next step. ``lookahead=False``: the step will not run the draft (speculation is
         paused), so no slots are reserved past each request's verified tokens for its KV."""
-        self._use_lookahead = lookahead
+        slots = self.num_lookahead_tokens if lookahead else 0
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.max_num_batched_tokens
@@ -171,7 +170,9 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, n, num_lookahead_tokens=self._lookahead(req, n)):
+            while not self.kv.allocate_slots(
+                req, n, num_lookahead_tokens=self._lookahead(req, n, slots)
+            ):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 preempted = True
@@ -191,7 +192,7 @@ class Scheduler:
             n = min(req.num_tokens - num_hit_tokens, budget)
             if self.long_prefill_token_threshold:
                 n = min(n, self.long_prefill_token_threshold)
-            lookahead = self._lookahead(req, n, num_hit_tokens)
+            lookahead = self._lookahead(req, n, slots, num_hit_tokens)
             if not self.kv.allocate_slots(req, n, hits, lookahead):
                 break
             self.waiting.popleft()
@@ -218,17 +219,18 @@ class Scheduler:
             n = min(n, self.long_prefill_token_threshold)
         return min(n, self.max_model_len - req.num_computed_tokens)
 
-    def _lookahead(self, req: Request, n: int, num_computed: int | None = None) -> int:
-        """Slots for the draft's KV past this step's tokens; only when the step reaches the end of
-        the verified tokens (only then does the draft propose), and never past what the request
-        can ever hold: the draft writes positions < num_tokens + max_num_spec_tokens <= cap."""
-        if not self.num_lookahead_tokens or not self._use_lookahead:
+    def _lookahead(self, req: Request, n: int, slots: int, num_computed: int | None = None) -> int:
+        """Slots (at most ``slots``) for the draft's KV past this step's tokens; only when the
+        step reaches the end of the verified tokens (only then does the draft propose), and never
+        past what the request can ever hold: the draft writes positions < num_tokens +
+        max_num_spec_tokens <= cap."""
+        if not slots:
             return 0
         total = (req.num_computed_tokens if num_computed is None else num_computed) + n
         if total < req.num_tokens:
             return 0
         cap = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
-        return max(0, min(self.num_lookahead_tokens, cap - total))
+        return max(0, min(slots, cap - total))
 
     def _emit(self, req: Request, n: int, out: SchedulerOutput) -> None:
         sent = self._runner_blocks.get(req.request_id)
