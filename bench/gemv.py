@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ if not torch.cuda.is_available():  # the smoke run: kernels go through the CPU i
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
-from kernels import copy_bandwidth, result_path, run_header  # noqa: E402  (bench/kernels.py)
+from kernels import copy_bandwidth, result_path, run_header, write_result  # noqa: E402  (bench/kernels.py)
 
 from rayfleet.kernels import triton_gemv, triton_ops  # noqa: E402
 
@@ -163,10 +162,7 @@ def main() -> None:
         "decoder_layer_linears_us": per_layer,
     }
     out = args.out or result_path("gemv", gpu, args.smoke, "-sweep" if args.sweep else "")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  -> {out}")
-    print(f"copy bandwidth (read + write): {copy_gbs:8.1f} GB/s")
+    write_result(out, result, gpu, copy_gbs)
     print("model layer   M      N      K  prologue    unfused us  no-PDL us  gemv us  GB/s  %copy")
     for r in rows:
         print(

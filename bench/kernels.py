@@ -70,6 +70,14 @@ def result_path(name: str, gpu: str, smoke: bool, suffix: str = "") -> Path:
     return Path(__file__).parent / "results" / f"{name}-{tag}{smoke_tag}{suffix}.json"
 
 
+def write_result(out: Path, result: dict[str, Any], gpu: str, copy_gbs: float) -> None:
+    """Write a microbenchmark's JSON and print the header of its table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  -> {out}")
+    print(f"copy bandwidth (read + write): {copy_gbs:8.1f} GB/s")
+
+
 def copy_bandwidth(device: str, nbytes: int) -> float:
     """GB/s of a device-to-device copy, counting bytes read + written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -266,12 +274,7 @@ def main() -> None:
         "prefill": prefill,
         "ops": ops,
     }
-    out = args.out or result_path("kernels", gpu, args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-
-    print(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  -> {out}")
-    print(f"copy bandwidth (read + write): {copy_gbs:8.1f} GB/s")
+    write_result(args.out or result_path("kernels", gpu, args.smoke), result, gpu, copy_gbs)
     print("decode attention   batch  context  splits      ms     GB/s  % of copy")
     for r in decode:
         if "skipped" in r:
