@@ -58,12 +58,14 @@ VARIANTS = {
 }
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def hf_greedy(
+    model_dir: Path, prompts: list[list[int]], max_new: int, device: str = "cpu"
+) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     outs = []
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([p])
+            ids = torch.tensor([p], device=device)
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),

@@ -5,32 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
-
 from rayfleet import LLM, SamplingParams
 from rayfleet.replicas.model.layers import RMSNorm, SiluAndMul
 from rayfleet.replicas.model.llama import DecoderLayer
+from tests.engine.test_engine_vs_transformers import hf_greedy
 from tests.model_factory import make_tiny_model
 
 
 def test_engine_on_triton_matches_transformers(tmp_path: Path, device: str) -> None:
     model_dir = make_tiny_model(tmp_path / "m", "qwen2", num_kv_heads=2, head_dim=16)
     prompts = [[5, 6, 7, 8, 9], list(range(20, 41))]
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    ref = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p], device=device)
-            out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=4,
-                min_new_tokens=4,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            ref.append(out[0, len(p) :].tolist())
+    ref = hf_greedy(model_dir, prompts, 4, device)
     llm = LLM(
         str(model_dir),
         dtype="float32",
