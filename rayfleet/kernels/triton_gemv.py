@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from rayfleet.kernels import register
+from rayfleet.kernels.ops_ref import PROLOGUES
 from rayfleet.kernels.triton_ops import (  # triton_ops also registers the references first
     gdc_launch_dependents,
     gdc_wait,
@@ -227,7 +228,7 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
 }
 _CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None  # the microbenchmark's sweep sets this
 
-_PROLOGUE_IDS = {"none": NONE, "rms_norm": RMS, "add_rms_norm": ADD_RMS, "silu_and_mul": SILU_MUL}
+_PROLOGUE_IDS = dict(zip(PROLOGUES, (NONE, RMS, ADD_RMS, SILU_MUL), strict=True))
 
 
 @register("gemv", "triton", priority=0)
