@@ -524,9 +524,14 @@ class Engine:
         if self.runner.proposer is None or policy is None:
             return True
         sched = self.scheduler
+        if any(req.spec_token_ids for req in sched.running):
+            return False
         num_requests = min(len(sched.running) + len(sched.waiting), sched.max_num_seqs)
-        return policy.speculation_paused(num_requests) and not any(
-            req.spec_token_ids for req in sched.running
+        prefill = bool(sched.waiting) or any(
+            req.num_computed_tokens < req.num_prompt_tokens for req in sched.running
+        )
+        return self.runner.speculation_paused(
+            [req.request_id for req in sched.running], num_requests, prefill
         )
 
     def _step_overlapped(self) -> list[RequestOutput]:

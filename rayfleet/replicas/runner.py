@@ -16,6 +16,7 @@ and the runner times both forwards for the policy's cost model.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -700,6 +701,34 @@ class ModelRunner:
             if proposals.catchup is not None:
                 policy.observe_catchup(*proposals.catchup)
         self._refresh_draft_flags(scheduled, starts)
+
+    def speculation_paused(
+        self, request_ids: Sequence[str], num_requests: int, prefill: bool
+    ) -> bool:
+        """Whether the next step (of ``num_requests`` requests: ``request_ids`` running, the
+        rest waiting; ``prefill``: it carries prompt chunks) may skip planning: the policy's
+        decision (adaptive.py, "Pausing" and "Dry plans"), with the candidates a plan would get
+        as ``_plan_next`` builds them, from the host's view (tokens in flight count as
+        generated; a request with nothing left to draft is a candidate with cap 0). The caller
+        checks that no request holds drafts."""
+        assert self.spec_policy is not None
+
+        def batch() -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
+            candidates, lags = [], []
+            for rid in request_ids:
+                st = self.requests.get(rid)
+                if st is None:  # not seen by the runner yet (priced as a new request)
+                    continue
+                n = len(st.token_ids) + st.num_pending
+                done = len(st.output_token_ids) + st.num_pending
+                left = max_num_spec_tokens(n, done, st.params.max_tokens, self.max_model_len)
+                candidates.append((rid, max(0, min(self.num_speculative_tokens, left))))
+                lags.append((n - st.draft_num_computed, left + 1))
+            return candidates, lags
+
+        return self.spec_policy.speculation_paused(
+            num_requests, batch, self._max_padded_k(num_requests), prefill
+        )
 
     def _graph_covers(self, num_seqs: int, q: int) -> bool:
         """A step of ``num_seqs`` requests with at most q tokens each replays a graph."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rayfleet import LLM, SamplingParams
-from rayfleet.replicas.spec.adaptive import FixedSpecPolicy
+from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy, FixedSpecPolicy
 from tests.model_factory import make_tiny_model
 
 BS = 4
@@ -65,7 +65,7 @@ class SwitchingPolicy(FixedSpecPolicy):
         self.log.append("off")
         return {rid: 0 for rid, _ in candidates}
 
-    def speculation_paused(self, num_requests: int) -> bool:
+    def speculation_paused(self, num_requests: int, *_: object) -> bool:
         if self.force is not None:
             return not self.force
         return self._skipped is not None and self._skipped < self.off
@@ -239,4 +239,29 @@ def test_overlapped_decode_steps_feed_the_target_cost_curve(target: Path) -> Non
     # 4 requests prefill in the first step, then decode together until all have 12 tokens
     assert sizes == [4] * 11
     assert all(t > 0 for _, t in policy.targets)
+    assert_pool_full(llm)
+
+
+def test_a_shrinking_batch_stays_overlapped_while_speculation_is_priced_off(target: Path) -> None:
+    """Four arrivals, then requests finishing at staggered steps move the batch through
+    buckets 4, 3, 2, 1. With speculation priced off at every size (a draft forward measured at
+    a second), the first step and each move are decided by dry plans over the requests: no
+    synchronous step just to plan. Greedy output is unchanged and the pool is whole after."""
+    policy = AdaptiveSpecPolicy(3)
+    for n in (1, 1, 2, 2, 3, 3, 4, 4):
+        policy.observe_target(n, 0.010)
+    policy.observe_draft(1, 1.0)
+    policy.observe_draft(1, 1.0)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (8, 14, 20, 26)
+    ]
+    reference = [o.token_ids for o in spec_llm(target, None).generate(PROMPTS, params)]
+    llm = spec_llm(target, policy)
+    counts = count_steps(llm)
+    outs = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == reference
+    # Not one synchronous step: the first (a burst of 4 arrivals, nothing planned before it)
+    # and each move to a smaller bucket are priced by dry plans.
+    assert counts["execute"] == 0 and policy.stats.plans == 0
+    assert policy.stats.dry_off == 4
     assert_pool_full(llm)

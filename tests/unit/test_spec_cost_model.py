@@ -233,6 +233,27 @@ def test_policy_probes_after_off_streaks_that_double() -> None:
     assert policy.stats.probes == 4
 
 
+def test_a_win_at_one_batch_size_restarts_only_its_own_probe_schedule() -> None:
+    """Speculation pays for 1 request (a cheap single draft) and not for 2 (a batched draft
+    forward measured at a second). Probes at 2 requests back off (3, 6, then 8 plans apart);
+    a measured win at 1 request in between does not bring the batch-2 probes back to every 3."""
+    policy = AdaptiveSpecPolicy(4, probe_interval=3, max_probe_interval=8)
+    for n in (1, 1, 2, 2, 3, 3, 4, 4, 6, 6, 8, 8, 10, 10):
+        policy.observe_target(n, 0.010)
+    for n, t in ((1, 1e-4), (1, 1e-4), (2, 1.0), (2, 1.0)):
+        policy.observe_draft(n, t)
+    two = [("a", 4), ("b", 4)]
+    decisions = []
+    for i in range(40):
+        if i in (12, 20, 28):  # a speculating plan for one request
+            assert policy.plan([("c", 4)], num_requests=1, base_tokens=1)["c"] > 0
+        decisions.append(any(policy.plan(two, num_requests=2, base_tokens=2).values()))
+    probes = [i for i, on in enumerate(decisions) if on]
+    # (a win resets the off streak, not the interval: the next probe is 8 plans after it)
+    assert probes == [2, 8, 19, 27, 35]
+    assert policy.stats.probes == 5
+
+
 def hopeless_policy(**kw) -> AdaptiveSpecPolicy:
     """Measured costs that keep speculation off (an unlucky draft measurement)."""
     policy = AdaptiveSpecPolicy(4, **kw)
@@ -256,6 +277,69 @@ def test_paused_only_after_an_off_plan_for_a_batch_of_that_size() -> None:
     on.observe_draft(1, 0.001)
     assert on.plan([("a", 4)], num_requests=1, base_tokens=1)["a"] > 0
     assert not on.speculation_paused(1)
+
+
+def test_a_dry_plan_carries_the_pause_to_another_bucket() -> None:
+    """The batch leaves the paused bucket (requests finish, a burst arrives): the policy prices
+    a decode step of the batch the engine hands over, and if that is off the step stays
+    paused (no synchronous step just to plan). The batch is read only when the bucket
+    changed."""
+    policy = hopeless_policy()
+    for n in (3, 3, 64, 64):
+        policy.observe_target(n, 0.010)
+    assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}
+
+    def unread():
+        raise AssertionError("the batch is read only when the bucket changed")
+
+    assert policy.speculation_paused(1, unread)
+    assert not policy.speculation_paused(2)  # no batch given: plan
+    two = lambda: ([("a", 4), ("b", 4)], [(0, 20), (0, 20)])  # noqa: E731
+    assert policy.speculation_paused(2, two)
+    assert policy.stats.dry_off == 1
+    assert policy.speculation_paused(2, unread)  # bucket 2 is now the paused one
+    # A burst of 64 arrivals the runner holds none of: priced at the replica-wide rate.
+    assert policy.speculation_paused(64, lambda: ([], []))
+    assert policy.stats.dry_off == 2
+    # Not at a size whose T was never measured (its decode steps explore first).
+    assert not policy.speculation_paused(16, lambda: ([], []))
+    assert policy.stats.dry_off == 2
+    # Every request near its end: paused, but the bucket is not (the next step prices again).
+    near_end = lambda: ([("a", 2)] * 3, [(0, 2)] * 3)  # noqa: E731
+    assert policy.speculation_paused(3, near_end)
+    assert not policy.speculation_paused(3)
+    assert policy.stats.dry_off == 3
+
+
+def test_a_due_probe_waits_for_a_decode_step() -> None:
+    """A probe runs only in a decode plan: while the steps carry prompt chunks a due probe does
+    not make them synchronous; the first decode step is planned (and probes)."""
+    policy = hopeless_policy(probe_interval=3)
+    cands = [("a", 4)]
+    assert policy.plan(cands, num_requests=1, base_tokens=1) == {"a": 0}
+    policy.skip_plan()
+    assert not policy.speculation_paused(1)  # the next plan is the probe
+    assert policy.speculation_paused(1, prefill=True)
+    policy.skip_plan()
+    assert not policy.speculation_paused(1)
+    assert policy.plan(cands, num_requests=1, base_tokens=1) == {"a": 2}
+    assert policy.stats.probes == 1
+
+
+def test_a_dry_plan_that_would_speculate_leaves_the_step_to_a_plan() -> None:
+    """Off for one request (one draft forward costs a second), on for two (a cheap batched
+    draft): leaving bucket 1 for 2, the dry plan speculates, so the step is planned."""
+    policy = AdaptiveSpecPolicy(4)
+    for n in (1, 1, 2, 2):
+        policy.observe_target(n, 0.010)
+    for n, t in ((1, 1.0), (1, 1.0), (2, 1e-5), (2, 1e-5)):
+        policy.observe_draft(n, t)
+    assert policy.plan([("a", 4)], num_requests=1, base_tokens=1) == {"a": 0}
+    assert policy.speculation_paused(1)
+    two = lambda: ([("a", 4), ("b", 4)], [(0, 20), (0, 20)])  # noqa: E731
+    assert not policy.speculation_paused(2, two)
+    assert any(policy.plan(two()[0], num_requests=2, base_tokens=2).values())
+    assert policy.stats.dry_off == 0
 
 
 def test_paused_steps_replan_every_interval() -> None:

@@ -43,8 +43,10 @@ verification graph the step still costs its full size, which is what gets measur
 draft's catch-up prefill stays small). After ``probe_interval`` consecutive plans with
 speculation off, one step speculates likewise for a few requests, two drafts each (a cheap padded
 verification, and one single-token draft forward to time), so stale measurements cannot keep it
-off for good; each probe that does not turn speculation
-back on doubles the interval (up to ``max_probe_interval``).
+off for good; each probe that does not turn speculation back on doubles the interval at its
+batch bucket (up to ``max_probe_interval``), and only a measured win at that bucket restarts it
+(a win at batch 8 says nothing of batch 256, where a probe costs a synchronous step, the drained
+step in flight and a catch-up: about 2% of a 128-token run at batch 256 on the H100).
 
 Sync overhead. T and D time the forwards, not the step: a speculating step runs synchronously
 (planning reads the sampled tokens), so scheduling, input building, rejection sampling and
@@ -87,10 +89,24 @@ drafted nothing for a batch of about this size (same half-octave bucket) while s
 could still draft ``max_k`` (a plan off only because every request is about to finish would
 otherwise keep the next request at that batch size from speculating), it was made fewer than
 ``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
-moved: re-plan now and then), and the next plan would not be a probe. A speculation-off
-exploration (one step measuring T(n_base)) does not pause. Each skipped plan
-(``skip_plan``) counts as a speculation-off plan for the probe and exploration schedules, so
-probes and refreshes come due as they would with a plan every step.
+moved: re-plan now and then), and the next plan would not be a probe (a due probe waits while
+the steps carry prompt chunks: it runs only in a decode step). A speculation-off exploration
+(one step measuring T(n_base)) does not pause. Each skipped plan (``skip_plan``) counts as a
+speculation-off plan for the probe and exploration schedules, so probes and refreshes come due
+as they would with a plan every step.
+
+Dry plans. Outside the paused bucket (requests finish at staggered steps, a burst arrives, the
+last plan was an exploration) a synchronous step just to plan costs H(n) and the drained step
+in flight: about 5 ms a step at 200 requests on the H100, 30 ms for an 8k-token prefill step
+whose inputs are no longer built under the previous step. Instead the engine hands over the
+requests the step would plan for (``batch``: candidates and draft lags from the host's view,
+tokens in flight counted as generated; requests not yet held by the runner are priced at the
+replica-wide rate with full caps) and the policy prices a decode step of that batch as it
+prices a prefill step's batch (measured T there, realized veto, catch-up). If that dry plan is
+off and no exploration is due, the step runs overlapped (``PolicyStats.dry_off``), and the
+bucket becomes the paused one unless every request is near its end (then the next step prices
+again). No request may hold drafts (the engine checks): those must be verified in a
+synchronous step.
 """
 
 from __future__ import annotations
@@ -107,6 +123,10 @@ THRESHOLDS: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.
 UNMEASURED_THRESHOLD = 0.3
 # Rates are planned on a 1/40 grid, so a step's plan costs O(requests + distinct rates).
 RATE_GRID = 40
+
+# The requests a step would plan for, read lazily: (candidates (request id, most drafts),
+# draft lags (tokens the draft is behind, tokens left)), aligned.
+DryBatch = Callable[[], tuple[Sequence[tuple[str, int]], Sequence[tuple[int, int]]]]
 
 
 def _bucket(n: int) -> int:
@@ -390,8 +410,17 @@ class SpecPolicy(Protocol):
 
     def forget(self, request_id: str) -> None: ...
 
-    def speculation_paused(self, num_requests: int) -> bool:
-        """The next step (about ``num_requests`` requests) may skip planning: no drafts."""
+    def speculation_paused(
+        self,
+        num_requests: int,
+        batch: DryBatch | None = None,
+        padded_k: int = 0,
+        prefill: bool = False,
+    ) -> bool:
+        """The next step (about ``num_requests`` requests) may skip planning: no drafts.
+        ``batch``, when given, returns the candidates and draft lags (as ``plan`` takes them) of
+        the requests the step would plan for; ``padded_k`` is a decode step's ``max_padded_k``;
+        ``prefill``: the step will carry prompt chunks."""
         ...
 
     def skip_plan(self) -> None:
@@ -438,7 +467,13 @@ class FixedSpecPolicy:
     def forget(self, request_id: str) -> None:
         pass
 
-    def speculation_paused(self, num_requests: int) -> bool:
+    def speculation_paused(
+        self,
+        num_requests: int,
+        batch: DryBatch | None = None,
+        padded_k: int = 0,
+        prefill: bool = False,
+    ) -> bool:
         return self.k == 0 and not any(self.per_request.values())
 
     def skip_plan(self) -> None:
@@ -458,6 +493,7 @@ class PolicyStats:
     skipped: int = 0  # steps run without a plan while speculation was paused
     vetoed: int = 0  # full plans turned off by realized rates below the speculation-off rate
     prefill_off: int = 0  # prefill steps kept off: their batch's decode steps would not draft
+    dry_off: int = 0  # pauses carried to another batch bucket by a dry plan (no sync step)
 
 
 class AdaptiveSpecPolicy:
@@ -504,7 +540,9 @@ class AdaptiveSpecPolicy:
         self.realized: dict[int, deque[tuple[int, float]]] = {}
         self._retrial_at: dict[int, int] = {}
         self._retrial_every: dict[int, int] = {}
-        self._probe_every = probe_interval
+        # Probe interval by batch bucket (probe_interval until a probe there stays off): a win
+        # at one batch size says nothing of another, so it restarts only its own bucket's.
+        self._probe_every: dict[int, int] = {}
         self._off_streak = 0
         self._num_plans = 0
         self._explored_at: dict[int, int] = {}  # base-tokens bucket -> plan number
@@ -579,18 +617,20 @@ class AdaptiveSpecPolicy:
                 self.stats.explores_on += 1
                 plan.num_spec = self._few([min(k, k_explore) for k in plan.num_spec], rates)
             else:  # a measured win: probing may start over
-                self._probe_every = self.probe_interval
+                self._probe_every.pop(_bucket(num_requests), None)
                 # (a prefill step's plan is priced with its chunks: no H / realized sample after)
                 self._full = plan if steady_requests is None else None
         else:
             self._off_streak += 1
-            if self._off_streak >= self._probe_every:
+            if self._off_streak >= self._probe_interval_at(num_requests):
                 # Re-measure the speculative side once, with a few requests and two drafts each
                 # (a padded verification makes every request pay for the deepest; the second
                 # draft forward is timed even when the first is the draft's catch-up prefill);
                 # if it stays off, wait twice as long.
                 self._off_streak = 0
-                self._probe_every = min(2 * self._probe_every, self.max_probe_interval)
+                self._probe_every[_bucket(num_requests)] = min(
+                    2 * self._probe_interval_at(num_requests), self.max_probe_interval
+                )
                 self.stats.probes += 1
                 plan = Plan(
                     self._few([min(c, 2) for c in caps], rates),
@@ -611,13 +651,36 @@ class AdaptiveSpecPolicy:
                 self.tracker.idle(rid)
         return {rid: k for (rid, _), k in zip(candidates, plan.num_spec)}
 
-    def speculation_paused(self, num_requests: int) -> bool:
-        """Whether the next step may skip planning (module docstring, "Pausing")."""
-        return (
-            self._paused_bucket == _bucket(num_requests)
-            and self._skipped < self.pause_replan_interval
-            and self._off_streak + 1 < self._probe_every
-        )
+    def speculation_paused(
+        self,
+        num_requests: int,
+        batch: DryBatch | None = None,
+        padded_k: int = 0,
+        prefill: bool = False,
+    ) -> bool:
+        """Whether the next step may skip planning (module docstring, "Pausing"). ``batch`` is
+        read only when the paused bucket does not decide; ``padded_k`` is ``max_padded_k`` for
+        a decode step of ``num_requests``; ``prefill``: the step will carry prompt chunks (a
+        due probe waits for a decode step)."""
+        if self._skipped >= self.pause_replan_interval or (
+            self._off_streak + 1 >= self._probe_interval_at(num_requests) and not prefill
+        ):
+            return False
+        b = _bucket(num_requests)
+        if self._paused_bucket == b:
+            return True
+        if batch is None or self._explore_due(num_requests):
+            return False
+        candidates, lags = batch()
+        if self._steady_speculates(candidates, num_requests, padded_k, lags) is not False:
+            return False
+        self.stats.dry_off += 1
+        if num_requests > len(candidates) or max(c for _, c in candidates) >= self.max_k:
+            self._paused_bucket = b  # (not if every request is near its end: see plan)
+        return True
+
+    def _probe_interval_at(self, num_requests: int) -> int:
+        return self._probe_every.get(_bucket(num_requests), self.probe_interval)
 
     def observe_step(self, num_requests: int, seconds: float, num_tokens: int = 0) -> None:
         """Between two full speculating plans: a sample of H and, given the tokens emitted, of
@@ -688,19 +751,26 @@ class AdaptiveSpecPolicy:
         )
 
     def _steady_speculates(
-        self, candidates: Sequence[tuple[str, int]], steady_requests: int, padded_k: int
+        self,
+        candidates: Sequence[tuple[str, int]],
+        steady_requests: int,
+        padded_k: int,
+        draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> bool | None:
         """Whether a decode step of ``steady_requests`` requests (the candidates, the others at
-        the replica-wide acceptance rate) would get a full speculating plan; None when T is not
-        measured at that size (the decode steps explore first)."""
+        the replica-wide acceptance rate with full caps and no lag) would get a full
+        speculating plan; None when T is not measured at that size (the decode steps explore
+        first)."""
         n = max(steady_requests, len(candidates))
         if self.target(n) is None or self.target.count_near(n) < self.min_samples:
             return None
+        fill = n - len(candidates)
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
-        rates += [self.tracker.global_rate] * (n - len(candidates))
-        caps += [self.max_k] * (n - len(candidates))
-        plan = self._price(rates, caps, n, n, padded_k)
+        rates += [self.tracker.global_rate] * fill
+        caps += [self.max_k] * fill
+        lags = None if draft_lag is None else [*draft_lag, *[(0, 0)] * fill]
+        plan = self._price(rates, caps, n, n, padded_k, lags)
         if not any(plan.num_spec):
             return False
         realized = self._realized(n)
