@@ -345,20 +345,27 @@ def run_engine(
     }
 
 
-def run_median(
-    engine: Engine,
+def paired_median(
+    base: Engine,
+    spec: Engine,
     prompts: list[list[int]],
     output_len: int,
     device: str,
     temperature: float,
     repeats: int,
 ):
-    """``run_engine`` ``repeats`` times; the run with the median output tokens/s (its outputs),
-    with every run's tokens/s under "runs_tok_s"."""
-    runs = [run_engine(engine, prompts, output_len, device, temperature) for _ in range(repeats)]
-    runs.sort(key=lambda r: r[1]["output_tok_s"])
-    outs, res = runs[len(runs) // 2]
-    return outs, {**res, "runs_tok_s": [r[1]["output_tok_s"] for r in runs]}
+    """Speculation off and on, run by turns (off, on, off, on, ...) so that drift in the
+    device's speed (clocks, another engine's memory) cannot favour either: the off engine's
+    median result, and the on engine's median run (its outputs and result)."""
+    offs, ons = [], []
+    for _ in range(repeats):
+        offs.append(run_engine(base, prompts, output_len, device, temperature)[1])
+        ons.append(run_engine(spec, prompts, output_len, device, temperature))
+    offs.sort(key=lambda r: r["output_tok_s"])
+    ons.sort(key=lambda r: r[1]["output_tok_s"])
+    off = {**offs[len(offs) // 2], "runs_tok_s": [r["output_tok_s"] for r in offs]}
+    outs, on = ons[len(ons) // 2]
+    return off, outs, {**on, "runs_tok_s": [r[1]["output_tok_s"] for r in ons]}
 
 
 def _free(device: str) -> None:
@@ -442,26 +449,19 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
         "skipped": [],
     }
     big = max(batches)
-    # Speculation off: no draft loaded. One engine for every batch size.
+    # Speculation off: no draft loaded. One engine for every batch size, kept beside the
+    # speculating one (they share the target's weights): each row's off runs alternate with its
+    # on runs (paired_median).
     t0 = time.perf_counter()
-    eng = make_engine(a, target, None, big, 0)
+    base_eng = make_engine(a, target, None, big, 0)
     out["baseline_engine"] = {
         "build_s": time.perf_counter() - t0,
-        "cuda_graphs": _graph_report(eng),
+        "cuda_graphs": _graph_report(base_eng),
     }
-    run_engine(eng, prompts[batches[0]][:2], 16, a.device, 1.0)  # warm-up
-    for temp in temps:
-        rows = out["baseline_by_temperature"].setdefault(str(temp), {})
+    run_engine(base_eng, prompts[batches[0]][:2], 16, a.device, 1.0)  # warm-up
+    for temp in temps:  # graph and allocator warm-up at every batch size
         for b in batches:
-            if not budget.left():
-                out["skipped"].append({"batch": b, "what": f"baseline T={temp}"})
-                continue
-            _, res = run_median(eng, prompts[b], a.output_len, a.device, temp, a.repeats)
-            rows[b] = res
-            print(f"baseline T={temp} batch={b}: {res['output_tok_s']:.1f} tok/s")
-    out["baseline"] = out["baseline_by_temperature"].get("1.0", {})
-    del eng
-    _free(a.device)
+            run_engine(base_eng, prompts[b], min(32, a.output_len), a.device, temp)
 
     t0 = time.perf_counter()
     eng = make_engine(a, target, draft, big, k_max)
@@ -499,15 +499,19 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                 eng, prompts[b], set_sigma, temp, want, sigma_hi, calib_len, a.device
             )
             print(f"T={temp} want {want} batch={b}: sigma {sigma:.4f}, k=1 acceptance {measured}")
-            base = out["baseline_by_temperature"].get(str(temp), {}).get(b)
             policies = [("adaptive", k_max)] + [("fixed", k) for k in fixed]
             for kind, k in policies:
-                if not budget.left() or base is None:
+                if not budget.left():
                     out["skipped"].append({"batch": b, "acceptance": want, "policy": kind, "k": k})
                     continue
                 policy = adaptive(measured) if kind == "adaptive" else FixedSpecPolicy(k)
                 eng.runner.spec_policy = policy
-                outs, res = run_median(eng, prompts[b], a.output_len, a.device, temp, a.repeats)
+                base, outs, res = paired_median(
+                    base_eng, eng, prompts[b], a.output_len, a.device, temp, a.repeats
+                )
+                by_temp = out["baseline_by_temperature"].setdefault(str(temp), {})
+                by_temp.setdefault(b, base)  # (the first row's; each row keeps its own)
+                print(f"baseline T={temp} batch={b}: {base['output_tok_s']:.1f} tok/s")
                 spec = _spec_summary(outs)
                 row = {
                     "target_acceptance": want,
@@ -520,6 +524,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                     "k": k,
                     **res,
                     **spec,
+                    "baseline_paired": base,
                     "speedup": res["output_tok_s"] / base["output_tok_s"],
                 }
                 if isinstance(policy, AdaptiveSpecPolicy):
@@ -543,7 +548,8 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                     f"measured acceptance {spec['acceptance_rate']}, "
                     f"{spec['verify_steps']} verify steps"
                 )
-    del eng
+    out["baseline"] = out["baseline_by_temperature"].get("1.0", {})
+    del eng, base_eng
     _free(a.device)
     return out
 
@@ -565,7 +571,9 @@ def summary_table(result: dict[str, Any]) -> str:
         name = "adaptive" if r["policy"] == "adaptive" else f"k={r['k']}"
         by_key.setdefault(key, {})[name] = r
     for (temp, want, b), rows in by_key.items():
-        base = speed["baseline_by_temperature"][str(temp)][b]["output_tok_s"]
+        first = rows.get("adaptive") or next(iter(rows.values()))
+        paired = first.get("baseline_paired")  # (results before pairing: one per temperature)
+        base = (paired or speed["baseline_by_temperature"][str(temp)][b])["output_tok_s"]
         level = f"{'greedy' if temp == 0.0 else 'T=1'} a={want:g}"
         cells = "".join(f"{rows[c]['speedup']:>9.2f}x" if c in rows else f"{'-':>10}" for c in cols)
         ad = rows.get("adaptive", {})
