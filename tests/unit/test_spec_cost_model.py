@@ -342,6 +342,34 @@ def test_a_dry_plan_that_would_speculate_leaves_the_step_to_a_plan() -> None:
     assert policy.stats.dry_off == 0
 
 
+def test_one_early_rejection_pauses_a_batch_1_request_only_briefly() -> None:
+    """Speculation pays at the replica-wide rate (0.9) but not for a request whose first draft
+    was rejected (its rate falls to 0.6). That off plan pauses for ``explore_interval`` steps,
+    not ``pause_replan_interval``; the plans after it fade the evidence and speculation
+    resumes within a few more plans."""
+    policy = AdaptiveSpecPolicy(8, tracker=AcceptanceTracker(prior=0.9), explore_interval=4)
+    for n, t in ((1, 0.0059), (1, 0.0059), (9, 0.007), (9, 0.007)):
+        policy.observe_target(n, t)
+    for _ in range(2):
+        policy.observe_draft(1, 0.003)
+    cands = [("a", 8)]
+    assert policy.plan(cands, num_requests=1, base_tokens=1)["a"] > 0
+    policy.observe_verification("a", 8, 0)
+    assert policy.plan(cands, num_requests=1, base_tokens=1) == {"a": 0}
+    paused = 0
+    while policy.speculation_paused(1):
+        policy.skip_plan()
+        paused += 1
+    assert paused == 4
+    for _ in range(8):
+        if policy.plan(cands, num_requests=1, base_tokens=1)["a"] > 0:
+            break
+        while policy.speculation_paused(1):
+            policy.skip_plan()
+    else:
+        pytest.fail("the request stays off")
+
+
 def test_paused_steps_replan_every_interval() -> None:
     policy = hopeless_policy(pause_replan_interval=4)
     policy.plan([("a", 4)], num_requests=1, base_tokens=1)

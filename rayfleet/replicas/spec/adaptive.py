@@ -67,7 +67,8 @@ batch-1 step yields 1 to k + 1 tokens, so single steps are noisy) falls below
 ``realized_min_gain`` x the speculation-off rate n / T(n), a full plan at that bucket is vetoed
 (speculation off). The margin (5%) is above what the per-step rate can show: speculation makes
 a batch's requests finish at scattered steps, and the ragged tail they leave runs at small
-batches (H100, batch 64 at temperature 1: steps 3% faster than off, the run 2.5% slower). The veto is revisited by dropping that bucket's samples after
+batches (H100, batch 64 at temperature 1: steps 3% faster than off, the run 2.5% slower). The veto
+is revisited by dropping that bucket's samples after
 ``probe_interval`` plans, then after twice as many each time it is confirmed (up to
 ``max_probe_interval``); a retrial costs the few speculating steps that re-measure it.
 
@@ -91,7 +92,9 @@ drafted nothing for a batch of about this size (same half-octave bucket) while s
 could still draft ``max_k`` (a plan off only because every request is about to finish would
 otherwise keep the next request at that batch size from speculating), it was made fewer than
 ``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
-moved: re-plan now and then), and the next plan would not be a probe (a due probe waits while
+moved: re-plan now and then; ``explore_interval`` steps when the plan was off only for the
+requests' own low acceptance, which fades back toward the replica-wide rate plan by plan), and the
+next plan would not be a probe (a due probe waits while
 the steps carry prompt chunks: it runs only in a decode step). A speculation-off exploration
 (one step measuring T(n_base)) does not pause. Each skipped plan (``skip_plan``) counts as a
 speculation-off plan for the probe and exploration schedules, so probes and refreshes come due
@@ -553,6 +556,7 @@ class AdaptiveSpecPolicy:
         # and the plans skipped since it.
         self._paused_bucket: int | None = None
         self._skipped = 0
+        self._pause_limit = pause_replan_interval  # skipped plans before the next plan
         # The latest plan if it was a full speculating plan (not an exploration or probe), else
         # None; and the plan before it. A step verifies the one's drafts, proposes the other's.
         self._full: Plan | None = None
@@ -599,11 +603,12 @@ class AdaptiveSpecPolicy:
         caps = [min(cap, self.max_k) for _, cap in candidates]
         plan = self._price(rates, caps, num_requests, base_tokens, max_padded_k, draft_lag)
         # (a prefill step's off rate is its chunks': _steady_speculates checked the decode batch)
-        if (
+        vetoed = (
             steady_requests is None
             and any(plan.num_spec)
             and self._vetoed(num_requests, plan.off_tokens_per_s)
-        ):
+        )
+        if vetoed:
             self.stats.vetoed += 1
             plan = Plan([0] * len(candidates), plan.off_tokens_per_s, plan.off_tokens_per_s)
         if any(plan.num_spec):
@@ -648,8 +653,16 @@ class AdaptiveSpecPolicy:
             # (not when every candidate is near its end: the off plan then says nothing about
             # the requests that will replace them)
             self._paused_bucket = _bucket(num_requests)
+            # Off for the requests' own low acceptance (at the replica-wide rate a plan would
+            # speculate): their evidence fades only at plans (idle below), so pause briefly.
+            # One early rejection must not keep a batch-1 request off for its whole output.
+            prior = [self.tracker.global_rate] * len(rates)
+            at_prior = not vetoed and any(
+                self._price(prior, caps, num_requests, base_tokens, max_padded_k).num_spec
+            )
+            self._pause_limit = self.explore_interval if at_prior else self.pause_replan_interval
         for (rid, _), k in zip(candidates, plan.num_spec):
-            if step_on and k == 0:
+            if k == 0:
                 self.tracker.idle(rid)
         return {rid: k for (rid, _), k in zip(candidates, plan.num_spec)}
 
@@ -664,7 +677,7 @@ class AdaptiveSpecPolicy:
         read only when the paused bucket does not decide; ``padded_k`` is ``max_padded_k`` for
         a decode step of ``num_requests``; ``prefill``: the step will carry prompt chunks (a
         due probe waits for a decode step)."""
-        if self._skipped >= self.pause_replan_interval or (
+        if self._skipped >= self._pause_limit or (
             self._off_streak + 1 >= self._probe_interval_at(num_requests) and not prefill
         ):
             return False
