@@ -67,10 +67,10 @@ batch-1 step yields 1 to k + 1 tokens, so single steps are noisy) falls below
 ``realized_min_gain`` x the speculation-off rate n / T(n), a full plan at that bucket is vetoed
 (speculation off). The margin (5%) is above what the per-step rate can show: speculation makes
 a batch's requests finish at scattered steps, and the ragged tail they leave runs at small
-batches (H100, batch 64 at temperature 1: steps 3% faster than off, the run 2.5% slower). The veto
-is revisited by dropping that bucket's samples after
-``probe_interval`` plans, then after twice as many each time it is confirmed (up to
-``max_probe_interval``); a retrial costs the few speculating steps that re-measure it.
+batches (H100, batch 64 at temperature 1: steps 3% faster than off, the run 2.5% slower).
+The veto is revisited by dropping that bucket's samples after ``probe_interval`` plans, then
+after twice as many each time it is confirmed (up to ``max_probe_interval``); a retrial costs
+the few speculating steps that re-measure it.
 
 Draft catch-up. While speculation is off for a request its draft KV falls behind; the first
 proposal after that feeds the draft every verified token since (a prefill). A plan pays for its
@@ -93,9 +93,9 @@ could still draft ``max_k`` (a plan off only because every request is about to f
 otherwise keep the next request at that batch size from speculating), it was made fewer than
 ``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
 moved: re-plan now and then; ``explore_interval`` steps when the plan was off only for the
-requests' own low acceptance, which fades back toward the replica-wide rate plan by plan), and the
-next plan would not be a probe (a due probe waits while
-the steps carry prompt chunks: it runs only in a decode step). A speculation-off exploration
+requests' own low acceptance, which fades back toward the replica-wide rate plan by plan),
+and the next plan would not be a probe (a due probe waits while the steps carry prompt chunks:
+it runs only in a decode step). A speculation-off exploration
 (one step measuring T(n_base)) does not pause. Each skipped plan (``skip_plan``) counts as a
 speculation-off plan for the probe and exploration schedules, so probes and refreshes come due
 as they would with a plan every step.
