@@ -530,9 +530,7 @@ class Engine:
         prefill = bool(sched.waiting) or any(
             req.num_computed_tokens < req.num_prompt_tokens for req in sched.running
         )
-        return self.runner.speculation_paused(
-            [req.request_id for req in sched.running], num_requests, prefill
-        )
+        return self.runner.speculation_paused(sched.running, num_requests, prefill)
 
     def _step_overlapped(self) -> list[RequestOutput]:
         """Launch the next step, then finish the one in flight (see the module docstring)."""

@@ -35,6 +35,7 @@ from rayfleet.replicas.transfer import index_tensor as _index
 from rayfleet.replicas.transfer import to_device
 
 if TYPE_CHECKING:
+    from rayfleet.replicas.engine.request import Request
     from rayfleet.replicas.spec.adaptive import SpecPolicy
     from rayfleet.replicas.spec.proposer import DraftProposer, DraftRequest
 
@@ -649,16 +650,10 @@ class ModelRunner:
         lags = []  # (verified tokens the draft has not run over, tokens it may still generate)
         for rid in sample_rids:
             st = self.requests[rid]
-            left = max_num_spec_tokens(
-                len(st.token_ids),
-                len(st.output_token_ids),
-                st.params.max_tokens,
-                self.max_model_len,
-            )
-            cap = min(self.num_speculative_tokens, left)
+            cap, lag = self._draft_room(st)
             if cap > 0 and not self._finished_by_token(st):
                 candidates.append((rid, cap))
-                lags.append((len(st.token_ids) - st.draft_num_computed, left + 1))
+                lags.append(lag)
         b = len(sample_rids)
         steady = max(sched.num_active_requests, len(scheduled)) if chunk_tokens else None
         plan = policy.plan(
@@ -702,28 +697,35 @@ class ModelRunner:
                 policy.observe_catchup(*proposals.catchup)
         self._refresh_draft_flags(scheduled, starts)
 
+    def _draft_room(self, st: _RunnerRequest) -> tuple[int, tuple[int, int]]:
+        """The most drafts the request may take next step (0: none), and its draft lag for the
+        policy: (verified tokens the draft has not run over, tokens it may still generate).
+        Tokens still in flight (overlapped steps) count as generated."""
+        n = len(st.token_ids) + st.num_pending
+        done = len(st.output_token_ids) + st.num_pending
+        left = max_num_spec_tokens(n, done, st.params.max_tokens, self.max_model_len)
+        cap = max(0, min(self.num_speculative_tokens, left))
+        return cap, (n - st.draft_num_computed, left + 1)
+
     def speculation_paused(
-        self, request_ids: Sequence[str], num_requests: int, prefill: bool
+        self, running: Sequence[Request], num_requests: int, prefill: bool
     ) -> bool:
-        """Whether the next step (of ``num_requests`` requests: ``request_ids`` running, the
-        rest waiting; ``prefill``: it carries prompt chunks) may skip planning: the policy's
-        decision (adaptive.py, "Pausing" and "Dry plans"), with the candidates a plan would get
-        as ``_plan_next`` builds them, from the host's view (tokens in flight count as
-        generated; a request with nothing left to draft is a candidate with cap 0). The caller
-        checks that no request holds drafts."""
+        """Whether the next step (of ``num_requests`` requests: ``running``, the rest waiting;
+        ``prefill``: it carries prompt chunks) may skip planning: the policy's decision
+        (adaptive.py, "Pausing" and "Dry plans"), with the candidates a plan would get as
+        ``_speculate`` builds them, from the host's view (a request with nothing left to draft
+        is a candidate with cap 0). The caller checks that no request holds drafts."""
         assert self.spec_policy is not None
 
         def batch() -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
             candidates, lags = [], []
-            for rid in request_ids:
-                st = self.requests.get(rid)
+            for req in running:
+                st = self.requests.get(req.request_id)
                 if st is None:  # not seen by the runner yet (priced as a new request)
                     continue
-                n = len(st.token_ids) + st.num_pending
-                done = len(st.output_token_ids) + st.num_pending
-                left = max_num_spec_tokens(n, done, st.params.max_tokens, self.max_model_len)
-                candidates.append((rid, max(0, min(self.num_speculative_tokens, left))))
-                lags.append((n - st.draft_num_computed, left + 1))
+                cap, lag = self._draft_room(st)
+                candidates.append((req.request_id, cap))
+                lags.append(lag)
             return candidates, lags
 
         return self.spec_policy.speculation_paused(
