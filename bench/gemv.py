@@ -12,10 +12,12 @@ SiLU-and-mul before down):
   what a decode step does, so PDL's overlap of one launch's tail with the next one's weight
   reads shows in the per-call time.
 
-Weights are bf16; each timed call cycles through enough weight copies (> 200 MB) that none is in
-L2. Times are ``triton.testing.do_bench_cudagraph`` medians (per call, launch overhead captured
-away as in the engine's decode graphs). GB/s counts weight bytes. Writes
-bench/results/gemv-<gpu>.json and prints a table last.
+Weights are bf16, or with ``--fp8`` float8_e4m3fn with per-row scales (quant/fp8.py; "unfused"
+is then the norm / SiLU kernel and ``fp8_linear``'s FP8 tensor-core path, the gemv reads the FP8
+bytes; ``--models`` picks the model shapes). Each timed call cycles through enough weight
+copies (> 200 MB) that none is in L2. Times are ``triton.testing.do_bench_cudagraph`` medians
+(per call, launch overhead captured away as in the engine's decode graphs). GB/s counts weight
+bytes. Writes bench/results/gemv-<gpu>[-fp8].json and prints a table last.
 
     python bench/gemv.py            # on the GPU host, ~1 minute (--sweep: ~4)
     python bench/gemv.py --smoke    # tiny shapes through Triton's CPU interpreter
@@ -42,7 +44,9 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 from kernels import copy_bandwidth, result_path, run_header, write_result  # noqa: E402  (bench/kernels.py)
 
-from rayfleet.kernels import triton_gemv, triton_ops  # noqa: E402
+from rayfleet import kernels  # noqa: E402
+from rayfleet.kernels import fp8_linear, triton_gemv, triton_ops  # noqa: E402
+from rayfleet.replicas.quant.fp8 import quantize_weight  # noqa: E402
 
 DTYPE = torch.bfloat16
 # (model, layer, N, K, prologue)
@@ -71,10 +75,24 @@ def timed_ms(fn: Callable[[], Any], device: str) -> float:
 
 
 def one(
-    model: str, layer: str, n: int, k: int, pro: str, m: int, device: str, sweep: bool
+    model: str,
+    layer: str,
+    n: int,
+    k: int,
+    pro: str,
+    m: int,
+    device: str,
+    sweep: bool,
+    fp8: bool = False,
 ) -> dict[str, Any]:
-    copies = max(1, int(200e6 // (n * k * 2)) + 1) if device == "cuda" else 1
+    itemsize = 1 if fp8 else DTYPE.itemsize
+    copies = max(1, int(200e6 // (n * k * itemsize)) + 1) if device == "cuda" else 1
     ws = [torch.randn(n, k, dtype=DTYPE, device=device) / k**0.5 for _ in range(copies)]
+    scales: list[torch.Tensor | None] = [None] * copies
+    if fp8:
+        ws, scales = map(list, zip(*(quantize_weight(w) for w in ws)))  # type: ignore[assignment]
+    fast = fp8_linear.supported(torch.device(device))
+    linear = kernels.get("fp8_linear", "scaled_mm" if fast else kernels.REFERENCE)
     x = torch.randn(m, 2 * k if pro == "silu_and_mul" else k, dtype=DTYPE, device=device)
     r = torch.randn(m, k, dtype=DTYPE, device=device)
     g = torch.randn(k, dtype=DTYPE, device=device)
@@ -83,17 +101,20 @@ def one(
     )
 
     def unfused() -> None:
-        for w in ws:
+        for w, s in zip(ws, scales):
             a = x
             if pro == "add_rms_norm":
                 a, _ = triton_ops.fused_add_rms_norm(x, r, g, 1e-5)
             elif pro == "silu_and_mul":
                 a = triton_ops.silu_and_mul(x)
-            F.linear(a, w)
+            if s is None:
+                F.linear(a, w)
+            else:
+                linear(a, w, s)
 
     def fused() -> None:
-        for w in ws:
-            triton_gemv.gemv(x, w, prologue=pro, **kw)
+        for w, s in zip(ws, scales):
+            triton_gemv.gemv(x, w, prologue=pro, weight_scale=s, **kw)
 
     unfused_ms = timed_ms(unfused, device) / copies
     triton_ops._pdl_device.cache_clear()
@@ -112,9 +133,10 @@ def one(
             best = (ms, cfg)
     triton_gemv._CONFIG_OVERRIDE = None
     assert best is not None
-    nbytes = n * k * DTYPE.itemsize
+    nbytes = n * k * itemsize
     return {
         "model": model,
+        "weight_dtype": "fp8_e4m3" if fp8 else "bf16",
         "layer": layer,
         "m": m,
         "n": n,
@@ -135,6 +157,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     ap.add_argument("--sweep", action="store_true", help="best of a config grid per shape")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/)")
+    ap.add_argument("--fp8", action="store_true", help="FP8 weights with per-row scales")
+    ap.add_argument("--models", default="8b,1b", help="model shapes to run (8b, 1b)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
@@ -142,11 +166,9 @@ def main() -> None:
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
     copy_gbs = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 20)
-    rows = [
-        one(*shape, m, device, args.sweep)
-        for m in (1, 2)
-        for shape in (SMOKE_SHAPES if args.smoke else SHAPES)
-    ]
+    models = set(args.models.split(","))
+    shapes = SMOKE_SHAPES if args.smoke else [s for s in SHAPES if s[0] in models]
+    rows = [one(*shape, m, device, args.sweep, args.fp8) for m in (1, 2) for shape in shapes]
     per_layer = {}
     for model in sorted({r["model"] for r in rows}):
         for m in (1, 2):
@@ -161,7 +183,8 @@ def main() -> None:
         "rows": rows,
         "decoder_layer_linears_us": per_layer,
     }
-    out = args.out or result_path("gemv", gpu, args.smoke, "-sweep" if args.sweep else "")
+    tag = ("-fp8" if args.fp8 else "") + ("-sweep" if args.sweep else "")
+    out = args.out or result_path("gemv", gpu, args.smoke, tag)
     write_result(out, result, gpu, copy_gbs)
     print("model layer   M      N      K  prologue    unfused us  no-PDL us  gemv us  GB/s  %copy")
     for r in rows:

@@ -34,6 +34,10 @@ cost curves (learnt in a short warm-up pass), sync overhead and probe schedule c
 per-request statistics and counters start fresh every run, its replica-wide acceptance rate at
 the level's measured rate (``--cold-policy``: a fresh policy per run, exploration included).
 
+``--draft-quantization fp8`` quantizes both pairs' drafts at load (engine option
+``draft_quantization``; its calibration re-quantizes the draft's head in place): the targets and
+the speculation-off baseline stay bf16.
+
 JSON to ``bench/results/spec-<date>.json``; a PNG plot (speedup vs acceptance per batch size,
 adaptive policy) beside it when matplotlib imports; a summary table is printed last. ``--tiny``
 runs everything on small shapes (CPU smoke test).
@@ -117,6 +121,12 @@ def parse_args() -> argparse.Namespace:
         default=256,
         help="engine config: CUDA graphs up to this batch (0 = eager)",
     )
+    p.add_argument(
+        "--draft-quantization",
+        choices=["fp8"],
+        default=None,
+        help="quantize the draft's weights (engine option draft_quantization; target stays 16-bit)",
+    )
     p.add_argument("--output-json", default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -168,6 +178,7 @@ def bench_demo(a: argparse.Namespace) -> dict[str, Any] | None:
         draft_model=str(draft),
         num_speculative_tokens=a.demo_max_k,
         max_model_len=1024,
+        draft_quantization=a.draft_quantization,
     )
     for temperature in (0.0, 1.0):
         rows = {}
@@ -248,7 +259,12 @@ def build_pair(a: argparse.Namespace, dtype: torch.dtype):
     target.lm_head.weight.copy_(a.tau / ht**0.5 * v @ bases["target"].T)
 
     def set_sigma(sigma: float) -> None:
-        draft.lm_head.weight.copy_(a.tau / hd**0.5 * (v + sigma * e) @ bases["draft"].T)
+        w = a.tau / hd**0.5 * (v + sigma * e) @ bases["draft"].T
+        head = draft.lm_head
+        if hasattr(head, "set_weight"):  # an FP8 draft (quant/fp8.py): re-quantized in place
+            head.set_weight(w)
+        else:
+            head.weight.copy_(w)
 
     def acceptance(sigma: float, greedy: bool = False, n: int = 512) -> float:
         """On the shared path, averaged over n tokens: sum_y min(p, q) (temperature 1), or how
@@ -389,6 +405,7 @@ def make_engine(a, target, draft, batch: int, k: int) -> Engine:
     )
     if draft is not None:
         kw["num_speculative_tokens"] = k
+        kw["draft_quantization"] = a.draft_quantization
     kw["cuda_graph_max_batch_size"] = a.cuda_graph_max_batch_size
     config = EngineConfig.from_kwargs("<random llama-3-8b>", **kw)
     return Engine(config, model=target, draft_model=draft)
@@ -440,6 +457,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
         "input_len": a.input_len,
         "output_len": a.output_len,
         "num_speculative_tokens": k_max,
+        "draft_quantization": a.draft_quantization,
         "policy": "adaptive" + (" (fresh per run)" if a.cold_policy else " (warm cost curves)"),
         "fixed_k": fixed,
         "cuda_graph_max_batch_size": a.cuda_graph_max_batch_size,

@@ -121,9 +121,23 @@ class SpecConfig:
             )
 
 
+QUANTIZATION_METHODS = ("fp8",)  # replicas/quant/fp8.py
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str | None = None
+    # Weights quantized at load from the checkpoint's dtype: "fp8" (per-row float8_e4m3fn).
+    quantization: str | None = None  # the target model's
+    draft_quantization: str | None = None  # the draft model's (speculative decoding)
+
+    def __post_init__(self) -> None:
+        for name in ("quantization", "draft_quantization"):
+            value = getattr(self, name)
+            if value is not None and value not in QUANTIZATION_METHODS:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(QUANTIZATION_METHODS)} or unset; "
+                    f"got {value!r}"
+                )
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,10 @@ def _load_builtin() -> None:
     # first and so stays the default; the runner asks for "triton" explicitly on CUDA.
     with contextlib.suppress(ImportError):  # no triton on this machine: the references serve
         from rayfleet.kernels import triton_attention, triton_gemv, triton_ops  # noqa: F401
-    from rayfleet.kernels import attention_sdpa  # noqa: F401  (stock-torch fast path)
+    from rayfleet.kernels import (
+        attention_sdpa,  # noqa: F401  (stock-torch fast path)
+        fp8_linear,  # noqa: F401  (cuBLAS FP8)
+    )
 
 
 def choose_attention_backend(requested: str | None, device) -> str:

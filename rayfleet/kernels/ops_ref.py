@@ -8,6 +8,9 @@ Numerics follow the model layers exactly (``replicas/model/layers.py`` RMSNorm /
     silu_and_mul        gate, up = x.chunk(2, -1); out = silu(gate) * up (model dtype)
     rotary_embedding    x * cos + rotate_half(x) * sin, rotate-half convention, model dtype
     gemv                F.linear(prologue(x), weight, bias), the prologue one of the ops above
+    fp8_linear          x W^T + b for an FP8 weight W = q * scale[:, None] (one scale per output
+                        row), computed in fp32 from the unrounded product and rounded once
+    quantize_rows_fp8   per-row (token) FP8: scale = max(|x|) / 448, q = fp8_e4m3(x / scale)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rayfleet.kernels import register
-from rayfleet.kernels.attention_ref import store_slots
+from rayfleet.kernels.attention_ref import FP8_MAX, store_slots, to_cache_dtype
 
 
 @register("rms_norm", "torch")
@@ -109,9 +112,11 @@ def gemv(
     norm_weight: torch.Tensor | None = None,  # [K] ("rms_norm", "add_rms_norm")
     eps: float = 0.0,
     residual: torch.Tensor | None = None,  # [M, K] ("add_rms_norm")
+    weight_scale: torch.Tensor | None = None,  # [N] fp32: weight is FP8, see fp8_linear
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (y [M, N], residual + x [M, K] or None)
-    """A linear layer with the op in front of it: ``F.linear(prologue(x), weight, bias)``.
-    Only "add_rms_norm" returns a second tensor, the new residual stream ``residual + x``."""
+    """A linear layer with the op in front of it: ``F.linear(prologue(x), weight, bias)``
+    (``fp8_linear`` with a ``weight_scale``). Only "add_rms_norm" returns a second tensor, the
+    new residual stream ``residual + x``."""
     new_residual = None
     if prologue == "rms_norm":
         assert norm_weight is not None
@@ -123,4 +128,32 @@ def gemv(
         x = silu_and_mul(x)
     elif prologue != "none":
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    if weight_scale is not None:
+        return fp8_linear(x, weight, weight_scale, bias), new_residual
     return F.linear(x, weight, bias), new_residual
+
+
+@register("fp8_linear", "torch")
+def fp8_linear(
+    x: torch.Tensor,  # [..., K] model dtype
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn
+    weight_scale: torch.Tensor,  # [N] float32
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N] x.dtype
+    """``x (q * scale[:, None])^T + b`` in fp32 (the weight-only reference: the input is not
+    quantized), rounded to the input's dtype once."""
+    y = F.linear(x.float(), weight.float()) * weight_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@register("quantize_rows_fp8", "torch")
+def quantize_rows_fp8(
+    x: torch.Tensor,  # [M, K]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q [M, K] float8_e4m3fn, scale [M, 1] float32)
+    """Each row scaled into the FP8 range by its own absmax (a zero row gets the tiny floor
+    1e-12 / 448): x ~= q * scale. The scale is absmax times the fp32 reciprocal of 448 (what
+    CUDA torch makes of a division by a scalar, so CPU and GPU agree)."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * (1.0 / FP8_MAX)
+    return to_cache_dtype(x.float() / scale, torch.float8_e4m3fn), scale

@@ -13,6 +13,10 @@ Prologues (``PROLOGUE``) of ``ops_ref.gemv``:
     1  rms           a = rms_norm(x) * g
     2  add_rms       h = x + residual (model dtype); a = rms_norm(h) * g; h is written to new_res
     3  silu_mul      a = silu(x[:, :K]) * x[:, K:]  (rounded to the model dtype as the op rounds)
+An FP8 weight (float8_e4m3fn, ``weight_scale`` one fp32 scale per output row; quant/fp8.py) is
+read as it is stored, a byte per weight, widened to fp32 in registers, and the finished dot
+product scaled: y = (a . q) * scale + b. The input stays in the model dtype (weight-only).
+
 The RMS prologues take one pass over K: a program accumulates (g * h) . w and sum(h^2) together
 and scales by rstd at the end, so the normalised input is never materialised. That is the
 reference's math with one rounding fewer in 16-bit dtypes (the reference rounds h * rstd and
@@ -121,8 +125,9 @@ def _gemv_kernel(
     x_ptr,  # [M, K] ([M, 2K] for SILU_MUL)
     res_ptr,  # [M, K] residual (ADD_RMS)
     g_ptr,  # [K] norm weight (RMS, ADD_RMS)
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K] model dtype, or FP8 (HAS_SCALE)
     b_ptr,  # [N] bias (HAS_BIAS)
+    s_ptr,  # [N] fp32 per-row scale of an FP8 weight (HAS_SCALE)
     y_ptr,  # [M, N]
     new_res_ptr,  # [M, K] x + residual (ADD_RMS; written by program 0)
     M,
@@ -136,6 +141,7 @@ def _gemv_kernel(
     stride_nrm,
     PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -206,6 +212,8 @@ def _gemv_kernel(
     y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
     if PROLOGUE == 1 or PROLOGUE == 2:
         y *= tl.rsqrt(tl.sum(sq, 1) / K + eps)[:, None]
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -226,6 +234,18 @@ _CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1, SILU_MUL): (8, 1024, 4, 4),
     **{(2, p): (4, 1024, 4, 4) for p in (NONE, RMS, ADD_RMS, SILU_MUL)},
 }
+# FP8 weights (a byte each): longer K chunks keep 16-byte loads per thread. From the H100 sweep
+# of llama-3.2-1b shapes (bench/gemv.py --fp8 --models 1b); RMS follows ADD_RMS (unswept).
+_CONFIGS_FP8: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (1, NONE): (4, 2048, 4, 2),
+    (1, RMS): (8, 1024, 4, 2),
+    (1, ADD_RMS): (8, 1024, 4, 2),
+    (1, SILU_MUL): (8, 2048, 8, 3),
+    (2, NONE): (4, 1024, 4, 4),
+    (2, RMS): (4, 2048, 4, 2),
+    (2, ADD_RMS): (4, 2048, 4, 2),
+    (2, SILU_MUL): (8, 2048, 8, 2),
+}
 _CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None  # the microbenchmark's sweep sets this
 
 _PROLOGUE_IDS = dict(zip(PROLOGUES, (NONE, RMS, ADD_RMS, SILU_MUL), strict=True))
@@ -241,6 +261,7 @@ def gemv(
     norm_weight: torch.Tensor | None = None,  # [K] ("rms_norm", "add_rms_norm")
     eps: float = 0.0,
     residual: torch.Tensor | None = None,  # [M, K] ("add_rms_norm")
+    weight_scale: torch.Tensor | None = None,  # [N] fp32: weight is float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (y [M, N], residual + x [M, K] or None)
     """``ops_ref.gemv`` for 1..MAX_M rows; out of place (the inputs are not modified)."""
     m = x.shape[0]
@@ -250,7 +271,11 @@ def gemv(
         raise ValueError(f"gemv takes 1..{MAX_M} rows, got {m}")
     if x.shape[1] != (2 * k if pid == SILU_MUL else k):
         raise ValueError(f"input width {x.shape[1]} does not fit weight {tuple(weight.shape)}")
-    if x.dtype != weight.dtype:
+    if weight_scale is not None:
+        if weight.dtype != torch.float8_e4m3fn or weight_scale.shape != (n,):
+            raise ValueError("a weight_scale goes with a float8_e4m3fn weight, one scale per row")
+        weight_scale = weight_scale.float().contiguous()
+    elif x.dtype != weight.dtype:
         raise ValueError(f"input dtype {x.dtype} != weight dtype {weight.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -266,15 +291,17 @@ def gemv(
         assert residual is not None
         residual = residual if residual.stride(-1) == 1 else residual.contiguous()
         new_res = torch.empty(m, k, dtype=x.dtype, device=x.device)  # [M, K]
-    y = torch.empty(m, n, dtype=weight.dtype, device=x.device)  # [M, N]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     block_m = triton.next_power_of_2(m)
-    block_n, block_k, warps, stages = _CONFIG_OVERRIDE or _CONFIGS[block_m, pid]
+    table = _CONFIGS if weight_scale is None else _CONFIGS_FP8
+    block_n, block_k, warps, stages = _CONFIG_OVERRIDE or table[block_m, pid]
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         residual if residual is not None else x,
         norm_weight if norm_weight is not None else weight,
         weight,
-        bias if bias is not None else weight,
+        bias if bias is not None else x,
+        weight_scale if weight_scale is not None else x,
         y,
         new_res if new_res is not None else y,
         m,
@@ -288,6 +315,7 @@ def gemv(
         new_res.stride(0) if new_res is not None else 0,
         PROLOGUE=pid,
         HAS_BIAS=bias is not None,
+        HAS_SCALE=weight_scale is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -301,3 +329,6 @@ def gemv(
 # Rows the model routes here (larger M goes to F.linear): at M = 2 the fused GEMV already loses
 # to norm kernel + cuBLAS on the H100 (bench/gemv.py: 202 vs 173 us per llama-3-8b layer).
 gemv.max_rows = 1  # type: ignore[attr-defined]
+# With an FP8 weight the alternative reads the same bytes but quantizes the input first
+# (fp8_linear's scaled_mm), so the GEMV takes every row it has configs for.
+gemv.max_rows_quantized = MAX_M  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ def round_to(x, TY: tl.constexpr):
 
 
 FP8_MAX = tl.constexpr(attention_ref.FP8_MAX)  # a constexpr: kernels read it
+INV_FP8_MAX = tl.constexpr(1.0 / attention_ref.FP8_MAX)  # rounded to fp32 where it is used
 
 
 @triton.jit
@@ -56,6 +57,49 @@ def to_cache(x, TY: tl.constexpr):
         nan = (((bits >> 24) & 0x80) | 0x7F).to(tl.uint8).to(TY, bitcast=True)
         return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, nan, y)
     return x.to(TY)
+
+
+@triton.jit
+def _quantize_rows_fp8_kernel(
+    x_ptr,  # [M, K]
+    q_ptr,  # [M, K] float8_e4m3fn
+    s_ptr,  # [M] float32
+    K,
+    stride_x,
+    stride_q,
+    BLOCK: tl.constexpr,
+):
+    """One program per row: scale = absmax * fp32(1 / 448), then the row divided by it
+    (correctly rounded, as torch divides tensors) and rounded as ``to_cache`` rounds."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) * INV_FP8_MAX
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        q = to_cache(tl.math.div_rn(x, scale), tl.float8e4nv)
+        tl.store(q_ptr + row * stride_q + k0 + cols, q, mask=mask)
+
+
+@register("quantize_rows_fp8", "triton", priority=0)
+def quantize_rows_fp8(
+    x: torch.Tensor,  # [M, K]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (q [M, K] float8_e4m3fn, scale [M, 1] float32)
+    """``ops_ref.quantize_rows_fp8`` in one launch (the input of fp8_linear's FP8 GEMM)."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k))
+        _quantize_rows_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block)
+    return q, scale
 
 
 @triton.jit

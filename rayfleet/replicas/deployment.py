@@ -180,7 +180,7 @@ class LLMReplica:
             "vocab_size": eng.arch.vocab_size,
             "draft_model": cfg.spec.draft_model or "",
             "num_speculative_tokens": cfg.spec.num_speculative_tokens,
-            "quantization": cfg.quant.method or "",
+            "quantization": cfg.quant.quantization or "",
         }
 
     async def stats(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from rayfleet.replicas.engine.scheduler import RunnerOutput, Scheduler, Schedule
 from rayfleet.replicas.model import load_model, read_arch_config
 from rayfleet.replicas.model.forward import AttentionKernels
 from rayfleet.replicas.model.layers import use_kernel_backend
+from rayfleet.replicas.quant.fp8 import quantize_model
 from rayfleet.replicas.runner import ModelRunner, PendingStep
 from rayfleet.replicas.sampler import needs_host_history
 from rayfleet.replicas.spec.adaptive import SpecPolicy
@@ -185,6 +186,24 @@ class Engine:
         backend = self.attention_backend = choose_attention_backend(
             config.attention_backend, self.device
         )
+        qc = config.quant
+        if qc.draft_quantization is not None and self.draft_model is None:
+            raise ValueError("draft_quantization needs a draft model (draft_model=DIR)")
+        for m, method, role in (
+            (self.model, qc.quantization, "model"),
+            (self.draft_model, qc.draft_quantization, "draft model"),
+        ):
+            if m is not None and method is not None:
+                rep = quantize_model(m, method)  # before the kernel swap, which reads the dtype
+                logger.info(
+                    "%s: %s weights in %d linears, %.1f -> %.1f MiB (%s for rows the GEMV skips)",
+                    role,
+                    rep.method,
+                    rep.layers,
+                    rep.bytes_before / 2**20,
+                    rep.bytes_after / 2**20,
+                    rep.backend,
+                )
         for m in (self.model, self.draft_model):
             if m is not None and backend != kernels.REFERENCE:
                 use_kernel_backend(m, backend)

@@ -54,9 +54,14 @@ SCRIPT = textwrap.dedent(
     compile_(T._rms_norm_kernel, {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf,
              "new_res_ptr": bf, "eps": "fp32"}, {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True})
     gemv = {n: bf for n in ("x_ptr", "res_ptr", "g_ptr", "w_ptr", "b_ptr", "y_ptr", "new_res_ptr")}
+    gemv["s_ptr"] = "*fp32"
     for prologue in range(4):
-        compile_(G._gemv_kernel, {**gemv, "eps": "fp32"}, {"PROLOGUE": prologue,
-                 "HAS_BIAS": True, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 1024, "PDL": True})
+        for w in (bf, f8):  # FP8 weights (quant/fp8.py) with their row scales
+            compile_(G._gemv_kernel, {**gemv, "w_ptr": w, "eps": "fp32"}, {"PROLOGUE": prologue,
+                     "HAS_BIAS": True, "HAS_SCALE": w == f8, "BLOCK_M": 1, "BLOCK_N": 8,
+                     "BLOCK_K": 1024, "PDL": True})
+    compile_(T._quantize_rows_fp8_kernel, {"x_ptr": bf, "q_ptr": f8, "s_ptr": "*fp32"},
+             {"BLOCK": 4096})
     """
 )
 
@@ -74,4 +79,4 @@ def test_fp8_and_pdl_kernels_compile_for_sm90(tmp_path: Path) -> None:
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 10
+    assert run.stdout.count("compiled") == 15

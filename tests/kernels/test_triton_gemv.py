@@ -40,6 +40,21 @@ def inputs(gen, m, n, k, prologue, dtype, device, bias=True):
     return x, w, b, kw
 
 
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def unrounded_input(x, prologue, kw, new_res) -> torch.Tensor:
+    """The fp32 input of the kernel's product: the prologue's output, with the normalised input
+    not rounded to the model dtype (see triton_gemv's docstring)."""
+    if prologue == "none":
+        return x.float()
+    if prologue == "silu_and_mul":
+        return ops_ref.silu_and_mul(x).float()
+    h = (new_res if prologue == "add_rms_norm" else x).float()
+    return kw["norm_weight"].float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
 def test_registered_beside_reference() -> None:
     assert kernels.backends("gemv")[0] == "torch"  # the reference stays the default
     assert kernels.get("gemv", "triton") is triton_gemv.gemv
@@ -89,14 +104,7 @@ def test_matches_reference(
         torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
     else:
         # y is within one rounding of the fp32 product of its input
-        if prologue == "none":
-            a = x
-        elif prologue == "silu_and_mul":
-            a = ops_ref.silu_and_mul(x)
-        else:  # the kernel does not round the normalised input (see triton_gemv's docstring)
-            h = (ref_res if prologue == "add_rms_norm" else x).float()
-            a = kw["norm_weight"].float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
-        exact = F.linear(a.float(), w.float(), b.float() if b is not None else None)
+        exact = F.linear(unrounded_input(x, prologue, kw, ref_res), w.float(), _float(b))
         ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
         err = (y.float() - exact).abs()
         assert bool((err <= ulp * exact.abs() + 1e-3).all()), err.max()
@@ -161,3 +169,65 @@ def test_layer_with_a_swapped_linear_keeps_its_own_forward(tmp_path) -> None:
     use_kernel_backend(model, "triton")
     assert [m.gemv_max_tokens for m in layers] == [0] + [1] * (len(layers) - 1)
     assert layers[0].self_attn.qkv_proj.gemv_backend == "torch"
+
+
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k", [(1, 16), (33, 1025), (64, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weight_matches_reference(
+    prologue: str, m: int, n: int, k: int, dtype: torch.dtype, gen: torch.Generator, device: str
+) -> None:
+    """An FP8 weight with per-row scales (quant/fp8.py) is read as stored: y is the fp32
+    product with the dequantized weight, scaled per row, rounded once to the input's dtype."""
+    from rayfleet.replicas.quant.fp8 import quantize_weight
+
+    x, w, b, kw = inputs(gen, m, n, k, prologue, dtype, device, bias=(n % 2 == 1))
+    q, scale = quantize_weight(w * (1 + torch.arange(n, device=device)[:, None]))  # row scales
+    y, new_res = triton_gemv.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    ref_y, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    assert y.shape == (m, n) and y.dtype == dtype
+    if prologue == "add_rms_norm":
+        assert torch.equal(new_res, ref_res)
+    if dtype == torch.float32:  # summation order only (weights up to n times larger here)
+        torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
+    else:  # within one rounding of the fp32 product of its unrounded input
+        a = unrounded_input(x, prologue, kw, ref_res)
+        exact = F.linear(a, q.float()) * scale + (0 if b is None else b.float())
+        err = (y.float() - exact).abs()
+        assert bool((err <= 2.0**-7 * exact.abs() + 1e-3 * scale.max() * k**0.5).all()), err.max()
+
+
+def test_fp8_weight_needs_its_scales(gen: torch.Generator, device: str) -> None:
+    from rayfleet.replicas.quant.fp8 import quantize_weight
+
+    q, scale = quantize_weight(rand(gen, 8, 16, dtype=torch.float32, device=device))
+    x = rand(gen, 1, 16, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="one scale per row"):
+        triton_gemv.gemv(x, q, weight_scale=scale[:4])
+    with pytest.raises(ValueError, match="dtype"):
+        triton_gemv.gemv(x, q)
+
+
+def test_fp8_layers_take_the_gemv_path_up_to_its_row_limit(tmp_path) -> None:
+    """Swapped FP8 linears run the GEMV (reading the FP8 bytes) for up to MAX_M rows, where the
+    alternative would quantize the input; their layers and the LM head route accordingly."""
+    from rayfleet.replicas.model.llama import DecoderLayer
+    from rayfleet.replicas.model.loader import load_model
+    from rayfleet.replicas.quant.fp8 import Fp8LMHead, quantize_model
+    from tests.model_factory import make_tiny_model
+
+    model = load_model(
+        make_tiny_model(tmp_path / "m", "llama"),
+        dtype=torch.float32,
+        device="cpu",
+        show_progress=False,
+    )
+    report = quantize_model(model, "fp8")
+    assert report.layers == 2 * 4 + 1 and report.backend == "torch"  # 4 linears a layer + head
+    assert report.bytes_after < report.bytes_before / 3  # fp32 -> 1 byte + a scale per row
+    use_kernel_backend(model, "triton")
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    assert [m.gemv_max_tokens for m in layers] == [triton_gemv.MAX_M] * len(layers)
+    assert type(model.lm_head) is Fp8LMHead and model.lm_head.gemv_max_rows == triton_gemv.MAX_M
+    assert model.lm_head.gemv_backend == "triton"

@@ -57,6 +57,8 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split across TP ranks; output stays sharded."""
 
     gemv_backend = kernels.REFERENCE  # the "gemv" of forward_gemv, swapped by use_kernel_backend
+    # Per-output-row scale of a quantized weight (quant/fp8.py swaps it in); None: plain weight.
+    weight_scale: torch.Tensor | None = None
 
     def __init__(
         self, input_size: int, output_size: int, *, bias: bool = False, dtype: torch.dtype
@@ -76,8 +78,12 @@ class ColumnParallelLinear(nn.Module):
         n = self.output_size_per_rank
         _copy(param.data, loaded.narrow(0, self.tp_rank * n, n), "column-parallel weight")
 
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T + b for inputs the GEMV path does not take (a quantized layer overrides it)."""
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
     def forward_gemv(
         self,
@@ -88,26 +94,26 @@ class ColumnParallelLinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward(prologue(x))`` as one small-M GEMV (see ``kernels/triton_gemv.py``); returns
         (y, the new residual stream for "add_rms_norm" else None)."""
-        return _gemv(self.gemv_backend, x, self.weight, self.bias, prologue, norm, residual)
+        return _gemv(self, x, self.bias, prologue, norm, residual)
 
 
 def _gemv(
-    backend: str,
+    layer: ColumnParallelLinear | RowParallelLinear | ParallelLMHead,
     x: torch.Tensor,
-    weight: torch.Tensor,
     bias: torch.Tensor | None,
     prologue: str,
     norm: RMSNorm | None,
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return kernels.get("gemv", backend)(
+    return kernels.get("gemv", layer.gemv_backend)(
         x,
-        weight,
+        layer.weight,
         bias,
         prologue=prologue,
         norm_weight=norm.weight if norm is not None else None,
         eps=norm.eps if norm is not None else 0.0,
         residual=residual,
+        weight_scale=layer.weight_scale,
     )
 
 
@@ -191,6 +197,7 @@ class RowParallelLinear(nn.Module):
     """y = all_reduce(x_shard W_shard^T) + b with W's input columns split across TP ranks."""
 
     gemv_backend = kernels.REFERENCE
+    weight_scale: torch.Tensor | None = None  # as ColumnParallelLinear's
 
     def __init__(
         self, input_size: int, output_size: int, *, bias: bool = False, dtype: torch.dtype
@@ -208,16 +215,20 @@ class RowParallelLinear(nn.Module):
         n = self.input_size_per_rank
         _copy(param.data, loaded.narrow(1, self.tp_rank * n, n), "row-parallel weight")
 
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's partial x W^T (+ b), before the all-reduce (quantized layers override)."""
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins on rank 0 only, so the all-reduce adds it exactly once.
         bias = self.bias if self.tp_rank == 0 else None
-        return parallel.all_reduce(F.linear(x, self.weight, bias))
+        return parallel.all_reduce(self._linear(x, bias))
 
     def forward_gemv(self, x: torch.Tensor, prologue: str = "none") -> torch.Tensor:
         """``forward(prologue(x))`` as one small-M GEMV; the prologue ("silu_and_mul") is
         elementwise, so it runs on this rank's input shard as it is."""
         bias = self.bias if self.tp_rank == 0 else None
-        y, _ = _gemv(self.gemv_backend, x, self.weight, bias, prologue, None, None)
+        y, _ = _gemv(self, x, bias, prologue, None, None)
         return parallel.all_reduce(y)
 
 
@@ -257,12 +268,16 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     gemv_backend = kernels.REFERENCE
     gemv_max_rows = 0  # rows up to this go through the backend's "gemv" (use_kernel_backend)
+    weight_scale: torch.Tensor | None = None  # as ColumnParallelLinear's
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         if 0 < hidden.shape[0] <= self.gemv_max_rows:
-            y, _ = _gemv(self.gemv_backend, hidden, self.weight, None, "none", None, None)
+            y, _ = _gemv(self, hidden, None, "none", None, None)
         else:
-            y = F.linear(hidden, self.weight)
+            y = self._linear(hidden, None)
         logits = parallel.all_gather(y, dim=-1)
         return logits[..., : self.vocab_size]
 
@@ -298,6 +313,19 @@ class SiluAndMul(nn.Module):
         return kernels.get("silu_and_mul", self.kernel_backend)(x)
 
 
+# Classes whose GEMV path (forward_gemv, or the LM head's small-M forward) runs the "gemv" op;
+# quant/fp8.py adds its swapped classes. Exact classes only: a layer of another class keeps its
+# own forward, and a decoder layer takes its GEMV path only when every linear in it is one of
+# these.
+GEMV_LINEARS: set[type[nn.Module]] = {
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+}
+GEMV_LM_HEADS: set[type[nn.Module]] = {ParallelLMHead}
+
+
 def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
     """Swap every kernel-backed layer of ``model`` to ``backend`` where it has the op.
 
@@ -311,28 +339,24 @@ def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
             module.kernel_backend = backend
             swapped.update(names)
     if backend != kernels.REFERENCE and backend in kernels.backends("gemv"):
-        max_rows = kernels.get("gemv", backend).max_rows
-        # Exact classes only: a quantized or otherwise swapped linear keeps its own forward, and
-        # a decoder layer takes its GEMV path only when every linear in it is a plain one.
-        plain = (
-            ColumnParallelLinear,
-            MergedColumnParallelLinear,
-            QKVParallelLinear,
-            RowParallelLinear,
-        )
+        gemv = kernels.get("gemv", backend)
+
+        def rows(m: nn.Module) -> int:  # the most rows m's GEMV path takes
+            return gemv.max_rows if m.weight_scale is None else gemv.max_rows_quantized
+
         for module in model.modules():
-            if type(module) in plain:
+            if type(module) in GEMV_LINEARS:
                 module.gemv_backend = backend
-            elif type(module) is ParallelLMHead:
-                module.gemv_backend, module.gemv_max_rows = backend, max_rows
+            elif type(module) in GEMV_LM_HEADS:
+                module.gemv_backend, module.gemv_max_rows = backend, rows(module)
             elif hasattr(module, "gemv_max_tokens"):
                 linears = [
                     m
                     for m in module.modules()
                     if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
                 ]
-                if linears and all(type(m) in plain for m in linears):
-                    module.gemv_max_tokens = max_rows
+                if linears and all(type(m) in GEMV_LINEARS for m in linears):
+                    module.gemv_max_tokens = min(rows(m) for m in linears)
         swapped.add("gemv")
     return sorted(swapped)
 
