@@ -249,8 +249,8 @@ def test_a_win_at_one_batch_size_restarts_only_its_own_probe_schedule() -> None:
             assert policy.plan([("c", 4)], num_requests=1, base_tokens=1)["c"] > 0
         decisions.append(any(policy.plan(two, num_requests=2, base_tokens=2).values()))
     probes = [i for i, on in enumerate(decisions) if on]
-    # (a win resets the off streak, not the interval: the next probe is 8 plans after it)
-    assert probes == [2, 8, 19, 27, 35]
+    # (the off streak is counted per bucket too: the wins at 1 request leave batch 2's alone)
+    assert probes == [2, 8, 16, 24, 32]
     assert policy.stats.probes == 5
 
 
@@ -383,6 +383,33 @@ def test_paused_steps_replan_every_interval() -> None:
             paused.append(False)
     assert paused == [True] * 4 + [False] + [True] * 4 + [False]
     assert policy.stats.skipped == 8 and policy.stats.plans == 3
+
+
+def test_a_due_replan_priced_off_by_a_dry_plan_keeps_the_pause() -> None:
+    """When a long pause is due its re-plan, a dry plan that prices the batch off keeps the step
+    overlapped (no synchronous step just to plan) and does an off plan's bookkeeping: the
+    skipped count restarts and the requests' evidence fades (toward the replica-wide rate, as
+    idle plans fade it). A dry plan that would speculate leaves the step to a real plan."""
+    policy = hopeless_policy(pause_replan_interval=4)
+    cands = [("a", 4)]
+    batch = lambda: (cands, [(0, 100)])  # noqa: E731
+    policy.tracker.observe("a", 4, 0)
+    low = policy.tracker.rate("a")
+    assert policy.plan(cands, num_requests=1, base_tokens=1) == {"a": 0}
+    steps = []
+    for _ in range(10):
+        steps.append(policy.speculation_paused(1, batch))
+        if steps[-1]:
+            policy.skip_plan()
+    assert steps == [True] * 10 and policy.stats.plans == 1 and policy.stats.dry_off == 2
+    assert policy.tracker.rate("a") > low
+    # the same re-plan with a draft that became free: the step is planned
+    for _ in range(3):
+        policy.observe_draft(1, 1e-6)
+    policy.tracker.observe("a", 4, 4)
+    while policy.speculation_paused(1, batch):
+        policy.skip_plan()
+    assert any(policy.plan(cands, num_requests=1, base_tokens=1).values())
 
 
 def test_skipped_plans_keep_the_probe_schedule() -> None:
@@ -518,13 +545,20 @@ def test_closed_loop_large_batch_is_never_slower_than_off(rate: float) -> None:
     # requests only (their catch-up prefill is small); its measurements then keep it off.
     assert spec_steps == 1 and cold.stats.explores_on == 1
     assert got > 0.985 * off_rate
-    # With the cost curves learnt (here: by the run above), only the probe after 128 plans
-    # speculates (for a few requests).
+    # With the cost curves learnt (here: by the run above) nothing speculates: the first probe
+    # at batch 256 comes after 128 x 256 / 16 = 2048 off plans; at batch 16, after 128.
     warm = AdaptiveSpecPolicy(5)
     warm.target, warm.draft = cold.target, cold.draft
     got, spec_steps = simulate(warm, batch=batch, rate=rate, steps=128, seed=1)
-    assert spec_steps == 1 and warm.stats.probes == 1
-    assert got > 0.99 * off_rate
+    assert spec_steps == 0 and warm.stats.probes == 0
+    assert got > 0.999 * off_rate
+    assert [warm._probe_interval_at(n) for n in (1, 16, 64, 256, 1024)] == [
+        128,
+        128,
+        512,
+        2048,
+        4096,  # max_probe_interval
+    ]
 
 
 def simulate_engine(
@@ -663,8 +697,9 @@ def warm_policy(batch: int) -> AdaptiveSpecPolicy:
 
 def test_prefill_steps_speculate_only_where_their_decode_batch_would() -> None:
     """A step with prefill chunks drafts only if decode steps of the batch it grows into would
-    (same curves, same acceptance): 64 requests decoding while 192 more prefill, in a batch of
-    256, draft nothing; in a batch of 8 they draft."""
+    (same curves, same acceptance) and full plans there have realized a win: 64 requests
+    decoding while 192 more prefill, in a batch of 256, draft nothing; in a batch of 8 they
+    draft once speculation at 8 realized its gain, not before."""
     rids = [(f"r{i}", 5) for i in range(64)]
     big = warm_policy(256)
     plan = big.plan(
@@ -674,10 +709,12 @@ def test_prefill_steps_speculate_only_where_their_decode_batch_would() -> None:
     assert big.speculation_paused(256)  # the prefill steps that follow run overlapped
     assert not any(big.plan(rids, num_requests=256, base_tokens=256, max_padded_k=5).values())
     small = warm_policy(8)
-    plan = small.plan(
-        rids[:4], num_requests=4, base_tokens=4 + 512, steady_requests=8, steady_padded_k=5
-    )
-    assert all(plan.values()) and small.stats.prefill_off == 0
+    prefill = dict(num_requests=4, base_tokens=4 + 512, steady_requests=8, steady_padded_k=5)
+    assert not any(small.plan(rids[:4], **prefill).values())  # nothing realized at 8 yet
+    off_rate = 8 / h100_like_target(8)
+    small.realized[adaptive_bucket(8)] = deque([(2 * off_rate, 1.0)] * 4, maxlen=16)
+    plan = small.plan(rids[:4], **prefill)
+    assert all(plan.values()) and small.stats.prefill_off == 1
     # unmeasured there: off during prefill (decode steps explore, prefill steps cannot measure)
     cold = AdaptiveSpecPolicy(5)
     plan = cold.plan(rids[:4], num_requests=4, base_tokens=516, steady_requests=8)

@@ -41,12 +41,15 @@ segment (flat from a single point), so an unmeasured verification size looks che
 tried; such a plan runs for the ``explore_requests`` best-accepting requests only (with a padded
 verification graph the step still costs its full size, which is what gets measured, while the
 draft's catch-up prefill stays small). After ``probe_interval`` consecutive plans with
-speculation off, one step speculates likewise for a few requests, two drafts each (a cheap padded
-verification, and one single-token draft forward to time), so stale measurements cannot keep it
-off for good; each probe that does not turn speculation back on doubles the interval at its
-batch bucket (up to ``max_probe_interval``), and only a measured win at that bucket restarts it
-(a win at batch 8 says nothing of batch 256, where a probe costs a synchronous step, the drained
-step in flight and a catch-up: about 2% of a 128-token run at batch 256 on the H100).
+speculation off at a batch bucket, one step speculates likewise for a few requests, two drafts
+each (a cheap padded verification, and one single-token draft forward to time), so stale
+measurements cannot keep it off for good; each probe that does not turn speculation back on
+doubles the interval at its batch bucket (up to ``max_probe_interval``), and only a measured
+win at that bucket restarts it (a win at batch 8 says nothing of batch 256). The first
+interval grows with the batch, ``probe_interval`` x n / ``probe_batch``: a probe costs a
+synchronous step, the drained step in flight, a padded verification and a catch-up, 2-3% of a
+128-step run at batch 64 or 256 on the H100, while what speculation can gain there (a
+verification that is compute-bound) is small.
 
 Sync overhead. T and D time the forwards, not the step: a speculating step runs synchronously
 (planning reads the sampled tokens), so scheduling, input building, rejection sampling and
@@ -97,8 +100,8 @@ requests' own low acceptance, which fades back toward the replica-wide rate plan
 and the next plan would not be a probe (a due probe waits while the steps carry prompt chunks:
 it runs only in a decode step). A speculation-off exploration
 (one step measuring T(n_base)) does not pause. Each skipped plan (``skip_plan``) counts as a
-speculation-off plan for the probe and exploration schedules, so probes and refreshes come due
-as they would with a plan every step.
+speculation-off plan at its batch bucket for the probe and exploration schedules, so probes and
+refreshes come due as they would with a plan every step.
 
 Dry plans. Outside the paused bucket (requests finish at staggered steps, a burst arrives, the
 last plan was an exploration) a synchronous step just to plan costs H(n) and the drained step
@@ -514,6 +517,7 @@ class AdaptiveSpecPolicy:
         explore_interval: int = 16,
         refresh_interval: int = 256,
         probe_interval: int = 128,
+        probe_batch: int = 16,
         max_probe_interval: int = 4096,
         explore_requests: int = 4,
         pause_replan_interval: int = 128,
@@ -531,6 +535,7 @@ class AdaptiveSpecPolicy:
         self.explore_interval = explore_interval
         self.refresh_interval = refresh_interval
         self.probe_interval = probe_interval
+        self.probe_batch = probe_batch
         self.max_probe_interval = max_probe_interval
         self.explore_requests = explore_requests
         self.pause_replan_interval = pause_replan_interval
@@ -545,10 +550,14 @@ class AdaptiveSpecPolicy:
         self.realized: dict[int, deque[tuple[int, float]]] = {}
         self._retrial_at: dict[int, int] = {}
         self._retrial_every: dict[int, int] = {}
-        # Probe interval by batch bucket (probe_interval until a probe there stays off): a win
-        # at one batch size says nothing of another, so it restarts only its own bucket's.
+        # Probe interval by batch bucket (the first one, scaled by the batch, until a probe
+        # there stays off): a win at one batch size says nothing of another, so it restarts
+        # only its own bucket's.
         self._probe_every: dict[int, int] = {}
-        self._off_streak = 0
+        # Consecutive speculation-off plans (skipped ones included) by batch bucket: a batch
+        # passing through a bucket after a long pause elsewhere owes it no probe.
+        self._off_streak: dict[int, int] = {}
+        self._skip_bucket = 0  # the bucket of the step the last pause let through
         self._num_plans = 0
         self._explored_at: dict[int, int] = {}  # base-tokens bucket -> plan number
         self._measured_at: dict[int, int] = {}  # T bucket -> plan number of its latest sample
@@ -585,7 +594,9 @@ class AdaptiveSpecPolicy:
         steady = (
             None
             if steady_requests is None
-            else self._steady_speculates(candidates, steady_requests, steady_padded_k)
+            else self._steady_speculates(
+                candidates, steady_requests, steady_padded_k, need_realized=True
+            )
         )
         if steady_requests is not None and not steady:
             self.stats.prefill_off += 1
@@ -611,8 +622,9 @@ class AdaptiveSpecPolicy:
         if vetoed:
             self.stats.vetoed += 1
             plan = Plan([0] * len(candidates), plan.off_tokens_per_s, plan.off_tokens_per_s)
+        b = _bucket(num_requests)
         if any(plan.num_spec):
-            self._off_streak = 0
+            self._off_streak[b] = 0
             k_explore = (
                 0
                 if steady_requests is not None  # a prefill step measures nothing
@@ -624,18 +636,18 @@ class AdaptiveSpecPolicy:
                 self.stats.explores_on += 1
                 plan.num_spec = self._few([min(k, k_explore) for k in plan.num_spec], rates)
             else:  # a measured win: probing may start over
-                self._probe_every.pop(_bucket(num_requests), None)
+                self._probe_every.pop(b, None)
                 # (a prefill step's plan is priced with its chunks: no H / realized sample after)
                 self._full = plan if steady_requests is None else None
         else:
-            self._off_streak += 1
-            if self._off_streak >= self._probe_interval_at(num_requests):
+            self._off_streak[b] = self._off_streak.get(b, 0) + 1
+            if self._off_streak[b] >= self._probe_interval_at(num_requests):
                 # Re-measure the speculative side once, with a few requests and two drafts each
                 # (a padded verification makes every request pay for the deepest; the second
                 # draft forward is timed even when the first is the draft's catch-up prefill);
                 # if it stays off, wait twice as long.
-                self._off_streak = 0
-                self._probe_every[_bucket(num_requests)] = min(
+                self._off_streak[b] = 0
+                self._probe_every[b] = min(
                     2 * self._probe_interval_at(num_requests), self.max_probe_interval
                 )
                 self.stats.probes += 1
@@ -677,25 +689,35 @@ class AdaptiveSpecPolicy:
         read only when the paused bucket does not decide; ``padded_k`` is ``max_padded_k`` for
         a decode step of ``num_requests``; ``prefill``: the step will carry prompt chunks (a
         due probe waits for a decode step)."""
-        if self._skipped >= self._pause_limit or (
-            self._off_streak + 1 >= self._probe_interval_at(num_requests) and not prefill
-        ):
-            return False
         b = _bucket(num_requests)
-        if self._paused_bucket == b:
+        due = self._off_streak.get(b, 0) + 1 >= self._probe_interval_at(num_requests)
+        if due and not prefill:
+            return False
+        self._skip_bucket = b  # (skip_plan counts the paused step there)
+        replan = self._skipped >= self._pause_limit
+        if self._paused_bucket == b and not replan:
             return True
         if batch is None or self._explore_due(num_requests):
             return False
         candidates, lags = batch()
-        if self._steady_speculates(candidates, num_requests, padded_k, lags) is not False:
+        speculates = self._steady_speculates(
+            candidates, num_requests, padded_k, lags, need_realized=prefill
+        )
+        if speculates is not False:
             return False
         self.stats.dry_off += 1
+        if replan:  # the re-plan a long pause was due for, priced off: an off plan's bookkeeping
+            self._skipped = 0
+            for rid, _ in candidates:
+                self.tracker.idle(rid)
         if num_requests > len(candidates) or max(c for _, c in candidates) >= self.max_k:
             self._paused_bucket = b  # (not if every request is near its end: see plan)
         return True
 
     def _probe_interval_at(self, num_requests: int) -> int:
-        return self._probe_every.get(_bucket(num_requests), self.probe_interval)
+        b = _bucket(num_requests)
+        first = self.probe_interval * max(1, num_requests // self.probe_batch)
+        return self._probe_every.get(b, min(first, self.max_probe_interval))
 
     def observe_step(self, num_requests: int, seconds: float, num_tokens: int = 0) -> None:
         """Between two full speculating plans: a sample of H and, given the tokens emitted, of
@@ -771,11 +793,14 @@ class AdaptiveSpecPolicy:
         steady_requests: int,
         padded_k: int,
         draft_lag: Sequence[tuple[int, int]] | None = None,
+        need_realized: bool = False,
     ) -> bool | None:
         """Whether a decode step of ``steady_requests`` requests (the candidates, the others at
         the replica-wide acceptance rate with full caps and no lag) would get a full
         speculating plan; None when T is not measured at that size (the decode steps explore
-        first)."""
+        first). ``need_realized`` (a step with prompt chunks): only if full plans at that batch
+        size have realized a win, since such a step cannot be measured (it finds nothing out,
+        and a veto's retrial, which clears the realized samples, must run in decode steps)."""
         n = max(steady_requests, len(candidates))
         if self.target(n) is None or self.target.count_near(n) < self.min_samples:
             return None
@@ -789,13 +814,15 @@ class AdaptiveSpecPolicy:
         if not any(plan.num_spec):
             return False
         realized = self._realized(n)
-        return realized is None or realized >= plan.off_tokens_per_s * self.realized_min_gain
+        if realized is None:
+            return not need_realized
+        return realized >= plan.off_tokens_per_s * self.realized_min_gain
 
     def skip_plan(self) -> None:
         """A step ran without a plan while paused: a speculation-off plan for the schedules."""
         self._prev_full = self._full = None
         self._num_plans += 1
-        self._off_streak += 1
+        self._off_streak[self._skip_bucket] = self._off_streak.get(self._skip_bucket, 0) + 1
         self._skipped += 1
         self.stats.skipped += 1
 
