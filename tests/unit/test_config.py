@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from rayfleet.config import CacheConfig, EngineConfig, SchedulerConfig
+from rayfleet.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfig
 
 
 def test_from_kwargs_routes_each_keyword_to_its_section():
@@ -18,8 +18,11 @@ def test_from_kwargs_routes_each_keyword_to_its_section():
         device="cpu",
         draft_model="d",
         num_speculative_tokens=3,
+        quantization="fp8",
+        draft_quantization="fp8",
     )
     assert c.cache.block_size == 32 and c.scheduler.max_num_seqs == 4
+    assert c.quant.quantization == "fp8" and c.quant.draft_quantization == "fp8"
     assert c.model.dtype == "float32" and c.model.model == "m"
     assert c.spec.draft_model == "d" and c.spec.num_speculative_tokens == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -41,6 +44,8 @@ def test_unknown_keyword_lists_accepted_ones():
             r"gpu_memory_utilization must be in \(0, 1\]",
         ),
         (SchedulerConfig, {"max_num_seqs": 0}, "max_num_seqs must be >= 1; got 0"),
+        (QuantConfig, {"quantization": "int3"}, "quantization must be one of fp8 or unset"),
+        (QuantConfig, {"draft_quantization": "awq"}, "draft_quantization must be one of fp8"),
     ],
 )
 def test_invalid_values_are_named(ctor, kw, match):
