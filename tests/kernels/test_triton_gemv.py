@@ -231,3 +231,8 @@ def test_fp8_layers_take_the_gemv_path_up_to_its_row_limit(tmp_path) -> None:
     assert [m.gemv_max_tokens for m in layers] == [triton_gemv.MAX_M] * len(layers)
     assert type(model.lm_head) is Fp8LMHead and model.lm_head.gemv_max_rows == triton_gemv.MAX_M
     assert model.lm_head.gemv_backend == "triton"
+    # on FP8 tensor cores the head's input quantization + cuBLAS beats its GEMV: never routed
+    model.lm_head.fp8_backend = "scaled_mm"
+    use_kernel_backend(model, "triton")
+    assert model.lm_head.gemv_max_rows == 0
+    assert [m.gemv_max_tokens for m in layers] == [triton_gemv.MAX_M] * len(layers)
