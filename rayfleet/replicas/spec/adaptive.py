@@ -734,10 +734,10 @@ class AdaptiveSpecPolicy:
         """Whether realized rates at this batch bucket say a full plan loses to speculation off
         (module docstring, "Realized rates"); schedules and runs the retrials."""
         b = _bucket(num_requests)
-        realized = self._realized(num_requests)
-        if realized is None:
+        wins = self._realized_wins(num_requests, off_rate)
+        if wins is None:
             return False
-        if realized >= off_rate * self.realized_min_gain:
+        if wins:
             self._retrial_at.pop(b, None)
             self._retrial_every.pop(b, None)
             return False
@@ -761,6 +761,12 @@ class AdaptiveSpecPolicy:
         if window is None or len(window) < self.min_realized:
             return None
         return sum(n for n, _ in window) / sum(t for _, t in window)
+
+    def _realized_wins(self, num_requests: int, off_rate: float) -> bool | None:
+        """Whether full plans at this batch bucket realized ``realized_min_gain`` x
+        ``off_rate`` (None: too few of them yet)."""
+        realized = self._realized(num_requests)
+        return None if realized is None else realized >= off_rate * self.realized_min_gain
 
     def _price(
         self,
@@ -813,10 +819,8 @@ class AdaptiveSpecPolicy:
         plan = self._price(rates, caps, n, n, padded_k, lags)
         if not any(plan.num_spec):
             return False
-        realized = self._realized(n)
-        if realized is None:
-            return not need_realized
-        return realized >= plan.off_tokens_per_s * self.realized_min_gain
+        wins = self._realized_wins(n, plan.off_tokens_per_s)
+        return (not need_realized) if wins is None else wins
 
     def skip_plan(self) -> None:
         """A step ran without a plan while paused: a speculation-off plan for the schedules."""
