@@ -113,7 +113,7 @@ class QuantReport:
     layers: int  # linears quantized
     bytes_before: int  # of those layers' weights
     bytes_after: int  # q and scales
-    backend: str  # of fp8_linear (rows the GEMV does not take)
+    backend: str  # of fp8_linear (rows the GEMV does not take; a misaligned layer: the reference)
 
 
 @torch.no_grad()
@@ -139,7 +139,9 @@ def quantize_model(model: nn.Module, method: str) -> QuantReport:
         before += w.numel() * w.element_size()
         module.__class__ = twin
         module.set_weight(w)
-        module.fp8_backend = backend
+        # cuBLAS FP8 takes K and N in multiples of 16 (an odd vocabulary, say): else the reference
+        aligned = w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
+        module.fp8_backend = backend if aligned else kernels.REFERENCE
         after += module.weight.numel() + module.weight_scale.numel() * 4
         layers += 1
         del w
