@@ -12,6 +12,9 @@ FP8 (relative error about 2^-4 per element, averaging out over K).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from rayfleet import kernels
@@ -20,8 +23,11 @@ from rayfleet.kernels import register
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
-def _quantize_backend() -> str:
-    return "triton" if "triton" in kernels.backends("quantize_rows_fp8") else kernels.REFERENCE
+@functools.cache
+def _quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """One Triton launch where it is registered (a chain of small torch kernels otherwise)."""
+    fast = "triton" in kernels.backends("quantize_rows_fp8")
+    return kernels.get("quantize_rows_fp8", "triton" if fast else kernels.REFERENCE)
 
 
 def supported(device: torch.device) -> bool:
@@ -41,9 +47,7 @@ def fp8_linear(
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [..., N] x.dtype
     lead = x.shape[:-1]
-    # one Triton launch where it is registered (a chain of small torch kernels otherwise)
-    quantize = kernels.get("quantize_rows_fp8", _quantize_backend())
-    xq, x_scale = quantize(x.reshape(-1, x.shape[-1]))  # [M, K] fp8, [M, 1] fp32
+    xq, x_scale = _quantize()(x.reshape(-1, x.shape[-1]))  # [M, K] fp8, [M, 1] fp32
     y = torch._scaled_mm(
         xq,
         weight.t(),  # [K, N] column-major, as cuBLAS takes the second operand

@@ -105,10 +105,10 @@ def test_bad_quantization_is_named(tmp_path: Path) -> None:
         LLM(str(src), dtype="float32", draft_quantization="fp8")
 
 
-def test_fp8_tensor_cores_only_for_16_bit_layers_they_can_take(tmp_path: Path, monkeypatch) -> None:
-    """Where FP8 tensor cores exist, a 16-bit model's layers use them for the rows the GEMV does
+def test_fp8_tensor_cores_only_for_bf16_layers_they_can_take(tmp_path: Path, monkeypatch) -> None:
+    """Where FP8 tensor cores exist, a bf16 model's layers use them for the rows the GEMV does
     not take, except a layer whose K or N is not a multiple of 16 (cuBLAS FP8's constraint),
-    which keeps the reference; an fp32 model keeps the reference everywhere."""
+    which keeps the reference; fp16 and fp32 models keep the reference everywhere."""
     from rayfleet.kernels import fp8_linear
     from rayfleet.replicas.model.loader import load_model
     from rayfleet.replicas.quant.fp8 import quantize_model
@@ -116,7 +116,7 @@ def test_fp8_tensor_cores_only_for_16_bit_layers_they_can_take(tmp_path: Path, m
     monkeypatch.setattr(fp8_linear, "supported", lambda device: True)
     src = make_tiny_model(tmp_path / "m", "llama", hidden=64, intermediate=40)
     backends = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         model = load_model(src, dtype=dtype, device="cpu", show_progress=False)
         assert quantize_model(model, "fp8").backend == (
             "scaled_mm" if dtype == torch.bfloat16 else "torch"
@@ -124,4 +124,4 @@ def test_fp8_tensor_cores_only_for_16_bit_layers_they_can_take(tmp_path: Path, m
         mlp = model.model.layers[0].mlp
         backends[dtype] = (mlp.gate_up_proj.fp8_backend, mlp.down_proj.fp8_backend)
     assert backends[torch.bfloat16] == ("scaled_mm", "torch")  # down: K = 40
-    assert backends[torch.float32] == ("torch", "torch")
+    assert backends[torch.float16] == backends[torch.float32] == ("torch", "torch")

@@ -721,6 +721,26 @@ def test_prefill_steps_speculate_only_where_their_decode_batch_would() -> None:
     assert not any(plan.values())
 
 
+def test_prefill_without_realized_evidence_does_not_pause_its_decode_steps() -> None:
+    """Batch 8 is priced on but no full plan there has realized anything yet: its prefill steps
+    draft nothing and run overlapped, and its first decode step plans (and drafts), instead of
+    waiting out a pause meant for batches priced off."""
+    rids = [(f"r{i}", 5) for i in range(8)]
+    batch = lambda: (rids, [(0, 100)] * 8)  # noqa: E731
+    for via_plan in (True, False):
+        policy = warm_policy(8)
+        if via_plan:
+            prefill = dict(num_requests=4, base_tokens=4 + 512, steady_requests=8)
+            assert not any(policy.plan(rids[:4], **prefill, steady_padded_k=5).values())
+        else:
+            assert policy.speculation_paused(8, batch, 5, prefill=True)
+            policy.skip_plan()
+        assert policy.speculation_paused(8, batch, 5, prefill=True)  # more prompt chunks
+        policy.skip_plan()
+        assert not policy.speculation_paused(8, batch, 5)  # a decode step: plan
+        assert all(policy.plan(rids, num_requests=8, base_tokens=8, max_padded_k=5).values())
+
+
 def test_draft_catch_up_is_priced_over_the_tokens_left() -> None:
     """64 requests whose drafts fell 130 tokens behind (speculation was off); a catch-up forward
     measured at 1 ms for 128 tokens and 33 ms for 8192 (a 1B draft: a fixed cost, then ~4 us

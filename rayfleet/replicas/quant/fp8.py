@@ -13,10 +13,15 @@ products are scaled before the all-reduce sums them.
 
 Forward: rows up to the "gemv" op's ``max_rows_quantized`` run the Triton GEMV, which reads q as
 stored and keeps the input in the model dtype (weight-only); more rows run ``fp8_linear``: FP8
-tensor cores with the input quantized per token ("scaled_mm": 16-bit models on CUDA sm89+), else
-the fp32 reference. Measured on an H100 (bench/gemv.py --fp8): a llama-3.2-1b layer's GEMVs at
-one row take 39 us instead of 51, and its LM head 128 us instead of 188; at 2-16 rows cuBLAS'
-FP8 kernels lose to bf16 on the small matrices (qkv, o, down) and win on gate_up and the head.
+tensor cores with the input quantized per token ("scaled_mm": bf16 models on CUDA sm89+), else
+the fp32 reference. So with "scaled_mm" a token's logits depend on how many rows its step has:
+greedy output of an FP8 target with speculation (verification: k + 1 rows a request) matches it
+without speculation up to that input rounding, not token for token as in 16 bits.
+
+Measured on an H100 (bench/gemv.py --fp8): a llama-3.2-1b layer's GEMVs at one row take 39 us
+instead of 51, and its LM head 102 us (on FP8 tensor cores: layers.use_kernel_backend) instead
+of 188; at 2-16 rows cuBLAS' FP8 kernels lose to bf16 on the small matrices (qkv, o, down) and
+win on gate_up and the head.
 """
 
 from __future__ import annotations
@@ -123,9 +128,9 @@ def quantize_model(model: nn.Module, method: str) -> QuantReport:
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)}; got {method!r}")
     param = next(model.parameters())
-    # FP8 tensor cores for 16-bit models; an fp32 model keeps its inputs unquantized (weight-only
-    # everywhere, the reference's numerics).
-    fast = param.dtype in (torch.bfloat16, torch.float16) and fp8_linear.supported(param.device)
+    # FP8 tensor cores for bf16 models (cuBLAS' row-wise scaled matmul writes bf16 only on some
+    # versions); other dtypes keep their inputs unquantized (weight-only, the reference).
+    fast = param.dtype == torch.bfloat16 and fp8_linear.supported(param.device)
     backend = "scaled_mm" if fast else kernels.REFERENCE
     tied = {
         id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding

@@ -124,7 +124,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 THRESHOLDS: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 # Before anything is measured: draft what is worth at least this much, and so get measured.
@@ -501,7 +501,8 @@ class PolicyStats:
     skipped: int = 0  # steps run without a plan while speculation was paused
     vetoed: int = 0  # full plans turned off by realized rates below the speculation-off rate
     prefill_off: int = 0  # prefill steps kept off: their batch's decode steps would not draft
-    dry_off: int = 0  # pauses carried to another batch bucket by a dry plan (no sync step)
+    # pauses carried to another batch bucket, or renewed when due a re-plan, by a dry plan
+    dry_off: int = 0
 
 
 class AdaptiveSpecPolicy:
@@ -554,8 +555,9 @@ class AdaptiveSpecPolicy:
         # there stays off): a win at one batch size says nothing of another, so it restarts
         # only its own bucket's.
         self._probe_every: dict[int, int] = {}
-        # Consecutive speculation-off plans (skipped ones included) by batch bucket: a batch
-        # passing through a bucket after a long pause elsewhere owes it no probe.
+        # Speculation-off plans (skipped ones included) by batch bucket since its last
+        # speculating plan or probe: a batch passing through a bucket after a long pause
+        # elsewhere owes it no probe.
         self._off_streak: dict[int, int] = {}
         self._skip_bucket = 0  # the bucket of the step the last pause let through
         self._num_plans = 0
@@ -564,6 +566,9 @@ class AdaptiveSpecPolicy:
         # Batch bucket of the last plan if it drafted nothing (None: it drafted, or no plan yet),
         # and the plans skipped since it.
         self._paused_bucket: int | None = None
+        # Batch bucket whose prefill steps may skip planning: decode steps there would
+        # speculate, but no full plan there has realized a win yet (_steady_verdict).
+        self._prefill_paused: int | None = None
         self._skipped = 0
         self._pause_limit = pause_replan_interval  # skipped plans before the next plan
         # The latest plan if it was a full speculating plan (not an exploration or probe), else
@@ -586,24 +591,22 @@ class AdaptiveSpecPolicy:
     ) -> dict[str, int]:
         self._num_plans += 1
         self._skipped = 0
-        self._paused_bucket = None
+        self._paused_bucket = self._prefill_paused = None
         self._prev_full, self._full = self._full, None
         if not candidates:
             return {}
         self.stats.plans += 1
-        steady = (
-            None
-            if steady_requests is None
-            else self._steady_speculates(
-                candidates, steady_requests, steady_padded_k, need_realized=True
-            )
-        )
-        if steady_requests is not None and not steady:
-            self.stats.prefill_off += 1
-            self.last_plan = None
-            if steady is False:  # priced off there (unmeasured: let its decode steps explore)
-                self._paused_bucket = _bucket(steady_requests)
-            return {rid: 0 for rid, _ in candidates}
+        if steady_requests is not None:
+            steady = self._steady_verdict(candidates, steady_requests, steady_padded_k)
+            if steady != "on":
+                self.stats.prefill_off += 1
+                self.last_plan = None
+                # (unmeasured: no pause, its decode steps explore)
+                if steady == "off":
+                    self._paused_bucket = _bucket(steady_requests)
+                elif steady == "unrealized":  # its prefill steps only: decode steps find out
+                    self._prefill_paused = _bucket(steady_requests)
+                return {rid: 0 for rid, _ in candidates}
         if steady_requests is None and self._explore_due(base_tokens):
             # Measure speculation off at this batch before trusting an extrapolation.
             self._explored_at[_bucket(base_tokens)] = self._num_plans
@@ -613,7 +616,7 @@ class AdaptiveSpecPolicy:
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
         plan = self._price(rates, caps, num_requests, base_tokens, max_padded_k, draft_lag)
-        # (a prefill step's off rate is its chunks': _steady_speculates checked the decode batch)
+        # (a prefill step's off rate is its chunks': _steady_verdict checked the decode batch)
         vetoed = (
             steady_requests is None
             and any(plan.num_spec)
@@ -695,23 +698,29 @@ class AdaptiveSpecPolicy:
             return False
         self._skip_bucket = b  # (skip_plan counts the paused step there)
         replan = self._skipped >= self._pause_limit
-        if self._paused_bucket == b and not replan:
+        if not replan and (
+            self._paused_bucket == b or (prefill and self._prefill_paused == b)
+        ):
             return True
         if batch is None or self._explore_due(num_requests):
             return False
         candidates, lags = batch()
-        speculates = self._steady_speculates(
-            candidates, num_requests, padded_k, lags, need_realized=prefill
-        )
-        if speculates is not False:
+        verdict = self._steady_verdict(candidates, num_requests, padded_k, lags)
+        if verdict == "unrealized" and prefill:  # (plan's rule for prefill steps)
+            self._prefill_paused = b
+            return True
+        if verdict != "off":
             return False
         self.stats.dry_off += 1
-        if replan:  # the re-plan a long pause was due for, priced off: an off plan's bookkeeping
-            self._skipped = 0
-            for rid, _ in candidates:
-                self.tracker.idle(rid)
         if num_requests > len(candidates) or max(c for _, c in candidates) >= self.max_k:
             self._paused_bucket = b  # (not if every request is near its end: see plan)
+        elif replan:
+            self._paused_bucket = None
+        if replan:  # the re-plan a long pause was due for, priced off: an off plan's bookkeeping
+            self._skipped = 0
+            for rid, cap in candidates:
+                if cap:
+                    self.tracker.idle(rid)
         return True
 
     def _probe_interval_at(self, num_requests: int) -> int:
@@ -793,20 +802,21 @@ class AdaptiveSpecPolicy:
             catchup_s_per_token=per_token,
         )
 
-    def _steady_speculates(
+    def _steady_verdict(
         self,
         candidates: Sequence[tuple[str, int]],
         steady_requests: int,
         padded_k: int,
         draft_lag: Sequence[tuple[int, int]] | None = None,
-        need_realized: bool = False,
-    ) -> bool | None:
+    ) -> Literal["on", "off", "unrealized"] | None:
         """Whether a decode step of ``steady_requests`` requests (the candidates, the others at
         the replica-wide acceptance rate with full caps and no lag) would get a full
-        speculating plan; None when T is not measured at that size (the decode steps explore
-        first). ``need_realized`` (a step with prompt chunks): only if full plans at that batch
-        size have realized a win, since such a step cannot be measured (it finds nothing out,
-        and a veto's retrial, which clears the realized samples, must run in decode steps)."""
+        speculating plan: "on" where full plans at that batch size also realized their win,
+        "off" where it is priced off or they realized a loss, "unrealized" where it is priced
+        on and too few full plans ran there to tell; None when T is not measured at that size
+        (the decode steps explore first). A prefill step drafts only on "on": it cannot be
+        measured (it finds nothing out, and a veto's retrial, which clears the realized
+        samples, must run in decode steps)."""
         n = max(steady_requests, len(candidates))
         if self.target(n) is None or self.target.count_near(n) < self.min_samples:
             return None
@@ -818,9 +828,9 @@ class AdaptiveSpecPolicy:
         lags = None if draft_lag is None else [*draft_lag, *[(0, 0)] * fill]
         plan = self._price(rates, caps, n, n, padded_k, lags)
         if not any(plan.num_spec):
-            return False
+            return "off"
         wins = self._realized_wins(n, plan.off_tokens_per_s)
-        return (not need_realized) if wins is None else wins
+        return "unrealized" if wins is None else ("on" if wins else "off")
 
     def skip_plan(self) -> None:
         """A step ran without a plan while paused: a speculation-off plan for the schedules."""
