@@ -20,8 +20,6 @@ import torch
 from rayfleet import kernels
 from rayfleet.kernels import register
 
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
-
 
 @functools.cache
 def _quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

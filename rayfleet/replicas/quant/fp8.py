@@ -33,6 +33,7 @@ from torch import nn
 
 from rayfleet import kernels
 from rayfleet.kernels import fp8_linear
+from rayfleet.kernels.attention_ref import FP8_MAX, to_cache_dtype
 from rayfleet.replicas.model.layers import (
     GEMV_LINEARS,
     GEMV_LM_HEADS,
@@ -53,9 +54,8 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row gets scale 1."""
     wf = w.float()
     amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / fp8_linear.FP8_MAX, torch.ones_like(amax))
-    q = (wf / scale[:, None]).clamp_(-fp8_linear.FP8_MAX, fp8_linear.FP8_MAX).to(FP8)
-    return q, scale
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return to_cache_dtype(wf / scale[:, None], FP8), scale  # (saturating at +-FP8_MAX)
 
 
 class _Fp8Weight:
