@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from rayfleet.kernels import register
-from rayfleet.kernels.attention_ref import FP8_MAX, store_slots, to_cache_dtype
+from rayfleet.kernels.attention_ref import (
+    FP8_MAX,
+    AttentionMetadata,
+    paged_attention,
+    store_slots,
+    to_cache_dtype,
+)
 
 
 @register("rms_norm", "torch")
@@ -96,6 +102,24 @@ def rope_and_write_kv(
     store_slots(k_cache, slots, k_rot[keep])
     store_slots(v_cache, slots, v[keep])
     return q_rot
+
+
+@register("rope_write_kv_attention", "torch")
+def rope_write_kv_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], not yet rotated
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], not yet rotated
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """``rope_and_write_kv``, then ``paged_attention`` of the rotated q over the cache."""
+    q = rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
 
 
 # What ``gemv`` runs on its input before the linear (the small-M decode path fuses it in).

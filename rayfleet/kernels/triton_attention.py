@@ -35,13 +35,21 @@ import triton.language as tl
 
 from rayfleet.kernels import register
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.kernels.triton_ops import from_cache, pdl_enter, pdl_launch, round_to
+from rayfleet.kernels.triton_ops import (
+    from_cache,
+    pdl_enter,
+    pdl_launch,
+    rope_and_write_kv,
+    round_to,
+    to_cache,
+)
 
 _LOG2E = 1.4426950408889634
 
 # Heuristic knobs for the split-KV decision (see ``choose_num_splits``).
 _SPLIT_MAX_QUERY_LEN = 16  # only split batches whose longest query is at most this many tokens
-_SPLIT_MIN_CHUNK = 256  # never give a split fewer context tokens than this
+_SPLIT_MIN_CHUNK = 128  # never give a split fewer context tokens than this (H100 batch 1: 256
+# -> 128 cut a llama-3-8b decode step by 1.8%, 64 gained less)
 _SPLIT_MAX = 64
 
 
@@ -49,6 +57,16 @@ _SPLIT_MAX = 64
 # compile a variant for == 1 and for multiples of 16 (~0.5 s each, the first time a batch
 # brings one, in the middle of a step: the block-table width turning 16 as contexts pass 256
 # tokens did on the GPU host).
+@triton.jit
+def _rope(x, x_rot, cos, sin, sign, TY: tl.constexpr):
+    """x * cos + rotate_half(x) * sin over whole heads, fp32 in, rounded as the torch expression
+    rounds in ``TY`` (each product, then the sum; see triton_ops._rope_rotate). ``x_rot`` is x
+    with its halves swapped, ``sign`` -1 on the first half, +1 on the second."""
+    a = round_to(x * cos, TY).to(tl.float32)
+    b = round_to((sign * x_rot) * sin, TY).to(tl.float32)
+    return round_to(a + b, TY)
+
+
 @triton.jit(do_not_specialize=["num_q_tiles", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,  # [T, Hq, D]
@@ -58,6 +76,11 @@ def _paged_attention_kernel(
     ws_acc_ptr,  # [T, Hq, num_splits, D] fp32  (SPLIT)
     ws_m_ptr,  # [T, Hq, num_splits] fp32
     ws_l_ptr,  # [T, Hq, num_splits] fp32
+    k_new_ptr,  # [T, Hkv, D] this step's K, not yet rotated (ROPE)
+    v_new_ptr,  # [T, Hkv, D] (ROPE)
+    cos_ptr,  # [T, D] (ROPE)
+    sin_ptr,  # [T, D] (ROPE)
+    slot_ptr,  # [T] int64; slots < 0 are not written (ROPE)
     query_start_loc_ptr,  # [B + 1] int32
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
@@ -76,6 +99,12 @@ def _paged_attention_kernel(
     stride_ot,
     stride_oh,
     stride_bt,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_cos,
+    stride_sin,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
     BLOCK_Q: tl.constexpr,  # query positions per tile
@@ -84,6 +113,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,  # cache block size
     SPLIT: tl.constexpr,  # num_splits > 1: partial results into the workspace
+    ROPE: tl.constexpr,  # decode (one new token per request): RoPE on q and k + the KV write here
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
@@ -112,11 +142,22 @@ def _paged_attention_kernel(
     tok = (q_start + q_idx).to(tl.int64)  # [M] row of q / out
     dims = tl.arange(0, HEAD_DIM)
 
-    q = tl.load(
-        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )  # [M, D]
+    q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+    if ROPE:
+        DT: tl.constexpr = q_ptr.dtype.element_ty
+        HALF: tl.constexpr = HEAD_DIM // 2
+        rot = (dims + HALF) % HEAD_DIM
+        sign = tl.where(dims < HALF, -1.0, 1.0)
+        cs = tok[:, None] * stride_cos + dims[None, :]
+        q = _rope(
+            q.to(tl.float32),
+            tl.load(q_rows + rot[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32),
+            tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32),
+            tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32),
+            sign[None, :],
+            DT,
+        )
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -130,6 +171,43 @@ def _paged_attention_kernel(
         chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
+    if ROPE:  # noqa: SIM102
+        # The request's one new token (position ctx_start) is read only by the program whose
+        # range holds it: that program rotates k, writes (k, v) to the cache, and a barrier
+        # makes the writes visible to all its threads before the loop reads them back.
+        if (ctx_start >= lo) & (ctx_start < hi):
+            slot = tl.load(slot_ptr + q_start).to(tl.int64)
+            if slot >= 0:
+                new_k = k_new_ptr + q_start.to(tl.int64) * stride_knt + kv_head * stride_knh
+                row = q_start.to(tl.int64)
+                k_rot = _rope(
+                    tl.load(new_k + dims).to(tl.float32),
+                    tl.load(new_k + rot).to(tl.float32),
+                    tl.load(cos_ptr + row * stride_cos + dims).to(tl.float32),
+                    tl.load(sin_ptr + row * stride_sin + dims).to(tl.float32),
+                    sign,
+                    DT,
+                )
+                block = slot // PAGE
+                offset = slot % PAGE
+                tl.store(
+                    k_cache_ptr
+                    + kv_head * stride_kh
+                    + block * stride_kb
+                    + offset * stride_ks
+                    + dims,
+                    to_cache(k_rot, k_cache_ptr.dtype.element_ty),
+                )
+                new_v = tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_vnh + dims)
+                tl.store(
+                    v_cache_ptr
+                    + kv_head * stride_vh
+                    + block * stride_vb
+                    + offset * stride_vs
+                    + dims,
+                    to_cache(new_v, v_cache_ptr.dtype.element_ty),
+                )
+            tl.debug_barrier()
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -279,12 +357,17 @@ def paged_attention(
     sliding_window: int | None = None,
     *,
     num_splits: int | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Triton twin of ``attention_ref.paged_attention`` (same semantics, fp32 softmax).
 
     ``num_splits`` forces the number of KV splits (1 = no split); ``None`` lets
     ``choose_num_splits`` decide from the batch shape. Rows of ``q`` past
     ``query_start_loc[-1]`` (padding) are left unwritten in the output, as in the reference.
+
+    ``rope = (k, v, cos, sin)`` (decode batches only: ``meta.max_query_len == 1``): ``q`` and
+    ``k`` are not yet rotated; the kernel runs ``rope_and_write_kv`` first (q rotated in
+    registers, rotated k and v written at ``meta.slot_mapping``), in the same launch.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, page, num_kv_heads, kv_dim = k_cache.shape
@@ -300,6 +383,19 @@ def paged_attention(
         )
     if q.stride(-1) != 1:
         q = q.contiguous()
+    if rope is not None:
+        k_new, v_new, cos, sin = rope
+        if meta.max_query_len != 1:
+            raise ValueError("fused RoPE + KV write is for decode batches (one token per request)")
+        if cos.dtype != q.dtype or sin.dtype != q.dtype or k_new.dtype != q.dtype:
+            raise ValueError(f"rope inputs must be in q's dtype ({q.dtype})")
+        if k_new.shape != v_new.shape or k_new.shape[1:] != (num_kv_heads, head_dim):
+            raise ValueError(f"bad new k/v shapes: {tuple(k_new.shape)}, {tuple(v_new.shape)}")
+        if cos.shape != (num_tokens, head_dim) or sin.shape != cos.shape:
+            raise ValueError(f"cos/sin must be [{num_tokens}, {head_dim}], got {tuple(cos.shape)}")
+        k_new, v_new, cos, sin = (
+            t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new, cos, sin)
+        )
     out = torch.empty_like(q)
     num_seqs = meta.num_seqs
     if num_tokens == 0 or num_seqs == 0 or meta.max_query_len == 0:
@@ -318,6 +414,7 @@ def paged_attention(
             _num_sms(q.device),
         )
     num_splits = max(1, int(num_splits))
+    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
 
     if num_splits > 1:
         ws_m = torch.empty(num_tokens, num_heads, num_splits, device=q.device, dtype=torch.float32)
@@ -339,7 +436,7 @@ def paged_attention(
         # (.scratch sweep over BLOCK_N 32-128, 2-8 warps, 2-4 stages; bf16 gains nothing;
         # head_dim 128 only: larger heads keep 4 warps, unmeasured).
         num_warps = 2
-    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
+    k_new, v_new, cos, sin = rope if rope is not None else (q, q, q, q)  # placeholders
     _paged_attention_kernel[grid](
         q,
         k_cache,
@@ -348,6 +445,11 @@ def paged_attention(
         ws_acc,
         ws_m,
         ws_l,
+        k_new,
+        v_new,
+        cos,
+        sin,
+        meta.slot_mapping,
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
@@ -366,6 +468,12 @@ def paged_attention(
         out.stride(0),
         out.stride(1),
         meta.block_tables.stride(0),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        cos.stride(0),
+        sin.stride(0),
         GROUP=group,
         GROUP_P=group_p,
         BLOCK_Q=block_q,
@@ -374,6 +482,7 @@ def paged_attention(
         HEAD_DIM=head_dim,
         PAGE=page,
         SPLIT=num_splits > 1,
+        ROPE=rope is not None,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if fp32 or dot_fp32 else "tf32",
         DOT_FP32=dot_fp32,
@@ -399,6 +508,29 @@ def paged_attention(
     return out
 
 
+@register("rope_write_kv_attention", "triton", priority=0)
+def rope_write_kv_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], not yet rotated
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], not yet rotated
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """``rope_and_write_kv`` then ``paged_attention``: one launch for decode batches, the two
+    kernels otherwise (multi-token queries read other programs' new K/V)."""
+    if meta.max_query_len == 1 and cos.dtype == q.dtype == k.dtype and sin.dtype == q.dtype:
+        return paged_attention(
+            q, k_cache, v_cache, meta, scale, sliding_window, rope=(k, v, cos, sin)
+        )
+    q = rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
 @register("attention_warm_up", "triton")
 def warm_up(
     num_heads: int,
@@ -413,9 +545,9 @@ def warm_up(
 ) -> int:
     """Compile, on tiny dummy inputs, every variant of the kernels a batch of this head layout
     can select: each tile configuration (by longest query, doubling until BLOCK_M is capped),
-    with and without KV splits, and the combine kernel for each power-of-two split bound. A
-    variant first met while serving costs a compile (~0.5 s) inside a step. Returns the number
-    of launches."""
+    with and without KV splits, the decode tiles with RoPE + KV write fused, and the combine
+    kernel for each power-of-two split bound. A variant first met while serving costs a compile
+    (~0.5 s) inside a step. Returns the number of launches."""
     group = num_heads // num_kv_heads
     configs: dict[tuple[int, int, int, int], int] = {}  # tile config -> shortest query
     for q_len in (2**i for i in range(9)):  # BLOCK_M is capped (at 128) long before 256
@@ -427,7 +559,7 @@ def warm_up(
     v_cache = torch.zeros_like(k_cache)
     launches = 0
 
-    def run(n: int, num_splits: int) -> None:
+    def run(n: int, num_splits: int, rope: bool = False) -> None:
         nonlocal launches
         meta = AttentionMetadata(
             slot_mapping=torch.arange(n, device=device, dtype=torch.int64) + block_size,
@@ -440,13 +572,26 @@ def warm_up(
             seq_lens_cpu=[n],
         )
         q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
-        paged_attention(q, k_cache, v_cache, meta, 1.0, sliding_window, num_splits=num_splits)
+        new_kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+        cos = torch.zeros(n, head_dim, dtype=dtype, device=device)
+        paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta,
+            1.0,
+            sliding_window,
+            num_splits=num_splits,
+            rope=(new_kv, new_kv, cos, cos) if rope else None,
+        )
         launches += 1
 
     for n in configs.values():
         run(n, 1)
         if n <= _SPLIT_MAX_QUERY_LEN:
             run(n, 2)
+    run(1, 1, rope=True)  # the fused decode variants (rope_write_kv_attention)
+    run(1, 2, rope=True)
     splits = 4
     while splits <= _SPLIT_MAX:  # the combine kernel's BLOCK_S = next power of two >= splits
         run(1, splits)
@@ -454,4 +599,4 @@ def warm_up(
     return launches
 
 
-__all__ = ["choose_num_splits", "paged_attention", "warm_up"]
+__all__ = ["choose_num_splits", "paged_attention", "rope_write_kv_attention", "warm_up"]

@@ -32,7 +32,7 @@ from rayfleet.replicas.sampler import Sampler, SamplerRow
 from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy
 from rayfleet.replicas.spec.rejection import RejectionSampler, SpecRow
 from rayfleet.replicas.transfer import index_tensor as _index
-from rayfleet.replicas.transfer import to_device
+from rayfleet.replicas.transfer import to_device, to_device_packed
 
 if TYPE_CHECKING:
     from rayfleet.replicas.engine.request import Request
@@ -101,22 +101,35 @@ def build_attention_metadata(
     seq_lens: list[int],
     tables: list[list[int]],
     device: torch.device,
-) -> AttentionMetadata:
-    """One varlen batch's attention inputs (shared by the target and the draft forward)."""
+    extra: Sequence[tuple[Sequence[int], torch.dtype]] = (),
+) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+    """One varlen batch's attention inputs (shared by the target and the draft forward), and
+    the ``extra`` host arrays (input ids, positions, ...) on the device, all in one copy."""
     width = max(len(t) for t in tables)
     padded = np.zeros((len(tables), width), dtype=np.int32)  # 0 = the null block
     for row, t in zip(padded, tables):
         row[: len(t)] = t
-    return AttentionMetadata(
-        slot_mapping=to_device(slots, torch.int64, device),
-        query_start_loc=to_device(qsl, torch.int32, device),
-        seq_lens=to_device(seq_lens, torch.int32, device),
-        block_tables=to_device(padded, torch.int32, device),
+    slots_t, qsl_t, seq_lens_t, tables_t, *extra_t = to_device_packed(
+        [
+            (slots, torch.int64),
+            (qsl, torch.int32),
+            (seq_lens, torch.int32),
+            (padded, torch.int32),
+            *extra,
+        ],
+        device,
+    )
+    meta = AttentionMetadata(
+        slot_mapping=slots_t,
+        query_start_loc=qsl_t,
+        seq_lens=seq_lens_t,
+        block_tables=tables_t,
         max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))),
         max_seq_len=max(seq_lens),
         query_start_loc_cpu=qsl,
         seq_lens_cpu=seq_lens,
     )
+    return meta, extra_t
 
 
 def allocate_kv_tensors(
@@ -259,7 +272,7 @@ class ModelRunner:
             slots.extend(slot_mapping(row, 0, n, self.block_size))
             qsl.append(qsl[-1] + n)
             table.append(row)
-        meta = self._metadata(slots, qsl, per_seq, table)
+        meta, _ = self._metadata(slots, qsl, per_seq, table)
         ids = torch.randint(0, self.arch.vocab_size, (n_tok,), device=self.device)
         hidden = self.model(ids, torch.tensor(positions, device=self.device), self._batch(meta))
         if self.num_speculative_tokens:
@@ -333,9 +346,14 @@ class ModelRunner:
         return starts
 
     def _metadata(
-        self, slots: list[int], qsl: list[int], seq_lens: list[int], tables: list[list[int]]
-    ) -> AttentionMetadata:
-        return build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
+        self,
+        slots: list[int],
+        qsl: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+        extra: Sequence[tuple[Sequence[int], torch.dtype]] = (),
+    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        return build_attention_metadata(slots, qsl, seq_lens, tables, self.device, extra)
 
     def _batch(self, meta: AttentionMetadata) -> ForwardBatch:
         return self.attn_kernels.batch(meta, self.kv_caches)
@@ -393,15 +411,19 @@ class ModelRunner:
                 sample_rids.append(rid)
                 num_spec.append(k)
                 logits_idx.extend(range(qsl[-1] - k - 1, qsl[-1]))
-        meta = self._metadata(slots, qsl, seq_lens, tables)
-        ids_t = to_device(input_ids, torch.int64, self.device)
+        meta, (ids_t, positions_t, src, dst) = self._metadata(
+            slots,
+            qsl,
+            seq_lens,
+            tables,
+            [(v, torch.int64) for v in (input_ids, positions, fill_src, fill_dst)],
+        )
         if fill_dst:
             assert self._prev_tokens is not None
-            src = to_device(fill_src, torch.int64, self.device)
-            ids_t[to_device(fill_dst, torch.int64, self.device)] = self._prev_tokens[src]
+            ids_t[dst] = self._prev_tokens[src]
         return _StepInputs(
             ids=ids_t,
-            positions=to_device(positions, torch.int64, self.device),
+            positions=positions_t,
             meta=meta,
             sample_rids=sample_rids,
             num_spec=num_spec,

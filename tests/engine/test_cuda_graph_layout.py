@@ -77,7 +77,7 @@ def _step(owner, contexts: list[int], counts: list[int], gen: torch.Generator):
         slots += slot_mapping(TABLES[i], c, c + n, BS)
         qsl.append(qsl[-1] + n)
         seq_lens.append(c + n)
-    meta = build_attention_metadata(slots, qsl, seq_lens, TABLES[: len(counts)], owner.device)
+    meta, _ = build_attention_metadata(slots, qsl, seq_lens, TABLES[: len(counts)], owner.device)
     return torch.tensor(ids), torch.tensor(pos), meta
 
 

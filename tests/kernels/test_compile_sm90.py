@@ -41,13 +41,16 @@ SCRIPT = textwrap.dedent(
     compile_(T._rope_write_kv_kernel, {**rope, "k_cache_ptr": f8, "v_cache_ptr": f8,
              "slot_ptr": "*i64"}, {"PAGE": 16, "HALF": 64, "BLOCK_HQ": 32, "BLOCK_HKV": 8,
              "BLOCK_HALF": 64, "PDL": True})
-    for split in (False, True):
+    # (SPLIT, ROPE): prefill tiles, split + combine kernel, the fused decode variants
+    for split, rope in ((False, False), (True, False), (True, True), (False, True)):
         compile_(A._paged_attention_kernel, {"q_ptr": bf, "k_cache_ptr": f8, "v_cache_ptr": f8,
                  "out_ptr": bf, "ws_acc_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32",
-                 "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32",
-                 "block_tables_ptr": "*i32", "qk_scale": "fp32"},
-                 {"GROUP": 4, "GROUP_P": 4, "BLOCK_Q": 16, "BLOCK_M": 64, "BLOCK_N": 64,
-                  "HEAD_DIM": 128, "PAGE": 16, "SPLIT": split, "USE_WINDOW": False,
+                 "k_new_ptr": bf, "v_new_ptr": bf, "cos_ptr": bf,
+                 "sin_ptr": bf, "slot_ptr": "*i64", "query_start_loc_ptr": "*i32",
+                 "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "qk_scale": "fp32"},
+                 {"GROUP": 4, "GROUP_P": 4, "BLOCK_Q": 16 if not rope else 4,
+                  "BLOCK_M": 64 if not rope else 16, "BLOCK_N": 64, "HEAD_DIM": 128,
+                  "PAGE": 16, "SPLIT": split, "ROPE": rope, "USE_WINDOW": False,
                   "DOT_PRECISION": "tf32", "DOT_FP32": False, "PDL": True})
     compile_(A._combine_kernel, {"out_ptr": bf, "ws_acc_ptr": "*fp32", "ws_m_ptr": "*fp32",
              "ws_l_ptr": "*fp32"}, {"BLOCK_S": 32, "HEAD_DIM": 128, "PDL": True})
@@ -79,4 +82,4 @@ def test_fp8_and_pdl_kernels_compile_for_sm90(tmp_path: Path) -> None:
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 15
+    assert run.stdout.count("compiled") == 17

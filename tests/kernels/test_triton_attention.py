@@ -241,9 +241,9 @@ def test_split_heuristic() -> None:
     assert triton_attention.choose_num_splits(256, 1, 8, 1, 32768, 132) == 1
     assert triton_attention.choose_num_splits(1, 64, 8, 1024, 32768, 132) == 1
     assert triton_attention.choose_num_splits(1, 1, 8, 1, 128, 132) == 1
-    # 4 seqs x 8 kv heads = 32 programs; 2 per SM wants 264 -> 9 splits (4096 // 256 = 16 allowed)
+    # 4 seqs x 8 kv heads = 32 programs; 2 per SM wants 264 -> 9 splits (4096 // 128 = 32 allowed)
     assert triton_attention.choose_num_splits(4, 1, 8, 1, 4096, 132) == 9
-    assert triton_attention.choose_num_splits(4, 1, 8, 1, 1024, 132) == 4
+    assert triton_attention.choose_num_splits(4, 1, 8, 1, 1024, 132) == 8  # 1024 // 128
 
 
 def test_write_kv_skips_negative_slots(device: str, gen: torch.Generator) -> None:
@@ -336,4 +336,21 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(
             gen=gen,
         )
         check_attention(b, tol, sliding_window=window)
+        if q_max == 1 or _ % 6 == 0:  # decode batches also run with RoPE + KV write fused
+            dec = [c - q + 1 for c, q in zip(ctx, new)]
+            d = build_batch(
+                dec,
+                [1] * n,
+                num_heads=32,
+                num_kv_heads=8,
+                head_dim=head_dim,
+                block_size=16,
+                dtype=torch.bfloat16,
+                device="cuda",
+                gen=gen,
+            )
+            cos = torch.ones(n, head_dim, dtype=torch.bfloat16, device="cuda")
+            triton_attention.rope_write_kv_attention(
+                d.q, d.k_new, d.v_new, cos, cos, d.k_cache, d.v_cache, d.meta, 0.1, window
+            )
     assert _compiled_variants() == before

@@ -33,7 +33,7 @@ def rayfleet_logits_fn(model: torch.nn.Module, device: torch.device, backend: st
         # Request r owns blocks 1 + r*per_seq ... (block 0 stays the null block).
         tables = [list(range(1 + r * per_seq, 1 + (r + 1) * per_seq)) for r in range(b)]
         slots = [s for row in tables for s in slot_mapping(row, 0, t, BLOCK_SIZE)]
-        meta = build_attention_metadata(
+        meta, _ = build_attention_metadata(
             slots, [i * t for i in range(b + 1)], [t] * b, tables, device
         )
         batch = ForwardBatch(meta=meta, kv_caches=caches, attention=attention, write_kv=write_kv)

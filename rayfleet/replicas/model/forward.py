@@ -28,6 +28,9 @@ class ForwardBatch:
     # kernels "rope_and_write_kv": RoPE on q and k plus the KV write in one launch; where set,
     # attention layers use it instead of the separate rotary ops + write_kv.
     rope_and_write_kv: Callable[..., torch.Tensor] | None = None
+    # kernels "rope_write_kv_attention": all of the above in one launch for decode batches;
+    # where set, attention layers use it instead of rope_and_write_kv + attention.
+    rope_write_kv_attention: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class AttentionKernels:
     attention: Callable[..., torch.Tensor]
     write_kv: Callable[..., None]
     rope_and_write_kv: Callable[..., torch.Tensor] | None = None
+    rope_write_kv_attention: Callable[..., torch.Tensor] | None = None
 
     @classmethod
     def for_backend(cls, backend: str | None) -> AttentionKernels:
@@ -45,6 +49,7 @@ class AttentionKernels:
             attention=kernels.get("paged_attention", backend),
             write_kv=kernels.get_or_default("write_kv", backend),
             rope_and_write_kv=kernels.get_fused("rope_and_write_kv", backend),
+            rope_write_kv_attention=kernels.get_fused("rope_write_kv_attention", backend),
         )
 
     def batch(
@@ -56,4 +61,5 @@ class AttentionKernels:
             attention=self.attention,
             write_kv=self.write_kv,
             rope_and_write_kv=self.rope_and_write_kv,
+            rope_write_kv_attention=self.rope_write_kv_attention,
         )

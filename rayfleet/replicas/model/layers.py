@@ -408,5 +408,9 @@ class Attention(nn.Module):
         """forward() with RoPE fused into the KV write (``batch.rope_and_write_kv``)."""
         assert batch.rope_and_write_kv is not None
         k_cache, v_cache = batch.kv_caches[self.layer_idx]
+        if batch.rope_write_kv_attention is not None:
+            return batch.rope_write_kv_attention(
+                q, k, v, cos, sin, k_cache, v_cache, batch.meta, self.scale, self.sliding_window
+            )
         q = batch.rope_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, batch.meta.slot_mapping)
         return batch.attention(q, k_cache, v_cache, batch.meta, self.scale, self.sliding_window)

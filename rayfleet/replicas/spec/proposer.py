@@ -170,9 +170,11 @@ class DraftProposer:
             qsl.append(qsl[-1] + r.end - r.start)
             seq_lens.append(r.end)
             tables.append(r.block_ids)
-        meta = build_attention_metadata(slots, qsl, seq_lens, tables, self.device)
         dev = self.device
-        hidden = self._run(index_tensor(input_ids, dev), index_tensor(positions, dev), meta)
+        meta, (ids_t, positions_t) = build_attention_metadata(
+            slots, qsl, seq_lens, tables, dev, [(input_ids, torch.int64), (positions, torch.int64)]
+        )
+        hidden = self._run(ids_t, positions_t, meta)
         if len(input_ids) == len(reqs):
             return hidden, len(input_ids)
         last = index_tensor([n - 1 for n in qsl[1:]], dev)
