@@ -241,8 +241,10 @@ def test_split_heuristic() -> None:
     assert triton_attention.choose_num_splits(256, 1, 8, 1, 32768, 132) == 1
     assert triton_attention.choose_num_splits(1, 64, 8, 1024, 32768, 132) == 1
     assert triton_attention.choose_num_splits(1, 1, 8, 1, 128, 132) == 1
-    # 4 seqs x 8 kv heads = 32 programs; 2 per SM wants 264 -> 9 splits (4096 // 128 = 32 allowed)
-    assert triton_attention.choose_num_splits(4, 1, 8, 1, 4096, 132) == 9
+    # 4 seqs x 8 kv heads = 32 programs; decode wants 4 per SM, 528 -> 17 splits (4096 // 128 =
+    # 32 allowed); queries of 2+ tokens want 2 per SM, 264 -> 9
+    assert triton_attention.choose_num_splits(4, 1, 8, 1, 4096, 132) == 17
+    assert triton_attention.choose_num_splits(4, 1, 8, 2, 4096, 132) == 9
     assert triton_attention.choose_num_splits(4, 1, 8, 1, 1024, 132) == 8  # 1024 // 128
 
 
