@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._device import DeviceContext
 
 
 @pytest.fixture
@@ -22,6 +23,17 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+def _context_device() -> torch.device:
+    """The device of the innermost ``with torch.device(...)``, else the default device, read
+    from the mode stack: on the GPU host (torch 2.11) ``torch.get_default_device()`` gave the
+    CPU inside the loader's ``with torch.device("cuda")``, and the engine test's weights were
+    made there."""
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, DeviceContext):
+            return torch.device(mode.device)
+    return torch.get_default_device()
+
+
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every floating ``torch.empty`` / ``empty_like`` made during a test is filled with NaN, so
@@ -31,7 +43,7 @@ def poison_empty(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def poisoned(real: Callable[..., torch.Tensor], factory: bool) -> Callable[..., torch.Tensor]:
         def make(*args: Any, **kwargs: Any) -> torch.Tensor:
             if factory:  # a wrapped factory escapes ``with torch.device(...)``: pass it on
-                kwargs.setdefault("device", torch.get_default_device())
+                kwargs.setdefault("device", _context_device())
             t = real(*args, **kwargs)
             if t.is_floating_point():
                 t.fill_(float("nan"))
