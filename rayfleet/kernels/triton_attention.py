@@ -149,12 +149,13 @@ def _paged_attention_kernel(
         HALF: tl.constexpr = HEAD_DIM // 2
         rot = (dims + HALF) % HEAD_DIM
         sign = tl.where(dims < HALF, -1.0, 1.0)
-        cs = tok[:, None] * stride_cos + dims[None, :]
+        cos_rows = cos_ptr + tok[:, None] * stride_cos + dims[None, :]
+        sin_rows = sin_ptr + tok[:, None] * stride_sin + dims[None, :]
         q = _rope(
             q.to(tl.float32),
             tl.load(q_rows + rot[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32),
-            tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32),
-            tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32),
+            tl.load(cos_rows, mask=row_ok[:, None], other=0.0).to(tl.float32),
+            tl.load(sin_rows, mask=row_ok[:, None], other=0.0).to(tl.float32),
             sign[None, :],
             DT,
         )
@@ -397,7 +398,9 @@ def paged_attention(
             raise ValueError("fused RoPE + KV write is for decode batches (one token per request)")
         if cos.dtype != q.dtype or sin.dtype != q.dtype or k_new.dtype != q.dtype:
             raise ValueError(f"rope inputs must be in q's dtype ({q.dtype})")
-        if k_new.shape != v_new.shape or k_new.shape[1:] != (num_kv_heads, head_dim):
+        if v_new.dtype != q.dtype:
+            raise ValueError(f"rope inputs must be in q's dtype ({q.dtype})")
+        if k_new.shape != v_new.shape or k_new.shape != (num_tokens, num_kv_heads, head_dim):
             raise ValueError(f"bad new k/v shapes: {tuple(k_new.shape)}, {tuple(v_new.shape)}")
         if cos.shape != (num_tokens, head_dim) or sin.shape != cos.shape:
             raise ValueError(f"cos/sin must be [{num_tokens}, {head_dim}], got {tuple(cos.shape)}")
@@ -462,7 +465,9 @@ def paged_attention(
         v_new,
         cos,
         sin,
-        meta.slot_mapping,
+        # (only the fused write reads it: elsewhere a placeholder, so that a slot tensor's
+        # alignment never selects another compiled variant)
+        meta.slot_mapping if rope is not None else q,
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
@@ -562,9 +567,11 @@ def warm_up(
     kernel for each power-of-two split bound. A variant first met while serving costs a compile
     (~0.5 s) inside a step. Returns the number of launches."""
     group = num_heads // num_kv_heads
-    configs: dict[tuple[int, int, int, int], int] = {}  # tile config -> shortest query
-    for q_len in (2**i for i in range(9)):  # BLOCK_M is capped (at 128) long before 256
-        configs.setdefault(_tile_config(q_len, group, head_dim), q_len)
+    # (tile config, single-token) -> shortest query; split single-token tiles take half-width
+    # KV steps, so q = 1 and q = 2.. of one tile config are different variants
+    configs: dict[tuple[tuple[int, int, int, int], bool], int] = {}
+    for q_len in (1, *(2**i for i in range(1, 9))):  # BLOCK_M is capped (at 128) before 256
+        configs.setdefault((_tile_config(q_len, group, head_dim), q_len == 1), q_len)
     longest = max(configs.values())
     blocks = -(-longest // block_size)
     shape = (blocks + 1, block_size, num_kv_heads, head_dim)

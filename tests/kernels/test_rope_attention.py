@@ -136,6 +136,36 @@ def test_more_splits_than_chunks_and_sliding_window(
     check_fused(b, tol, gen, num_splits=16, sliding_window=50)
 
 
+def test_cos_and_sin_with_different_strides(device: str, gen: torch.Generator, tol: Tol) -> None:
+    """cos and sin are separate views (each its own row stride), as a rotary cache may hand them
+    out."""
+    b = build_batch(
+        [30, 9],
+        [1, 1],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        block_size=16,
+        dtype=torch.float32,
+        device=device,
+        gen=gen,
+    )
+    cos, sin = rope_tables(2, 32, torch.float32, device, gen)
+    wide = torch.zeros(2, 96, device=device)
+    wide[:, 40:72] = sin
+    sin_view = wide[:, 40:72]
+    assert sin_view.stride(0) != cos.stride(0)
+    k_ref, v_ref = b.k_cache.clone(), b.v_cache.clone()
+    ref = ops_ref.rope_write_kv_attention(
+        b.q, b.k_new, b.v_new, cos, sin, k_ref, v_ref, b.meta, 0.3
+    )
+    out = triton_attention.paged_attention(
+        b.q, b.k_cache, b.v_cache, b.meta, 0.3, rope=(b.k_new, b.v_new, cos, sin_view)
+    )
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    torch.testing.assert_close(b.k_cache, k_ref, equal_nan=True, **tol(torch.float32))
+
+
 def test_fp8_cache(device: str, gen: torch.Generator, tol: Tol) -> None:
     b = build_batch(
         [40, 17],

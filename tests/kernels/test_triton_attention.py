@@ -355,4 +355,19 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(
             triton_attention.rope_write_kv_attention(
                 d.q, d.k_new, d.v_new, cos, cos, d.k_cache, d.v_cache, d.meta, 0.1, window
             )
+    # split multi-token batches (verification steps, a draft's first forward) of the decode
+    # tile config: full-width KV steps, unlike split single-token tiles
+    for q in (2, 3, 4):
+        v = build_batch(
+            [3000, 2000],
+            [q, q],
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=head_dim,
+            block_size=16,
+            dtype=torch.bfloat16,
+            device="cuda",
+            gen=gen,
+        )
+        check_attention(v, tol, sliding_window=window)
     assert _compiled_variants() == before
