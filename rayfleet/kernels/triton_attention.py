@@ -48,15 +48,13 @@ _LOG2E = 1.4426950408889634
 
 # Heuristic knobs for the split-KV decision (see ``choose_num_splits``).
 _SPLIT_MAX_QUERY_LEN = 16  # only split batches whose longest query is at most this many tokens
-_SPLIT_MIN_CHUNK = 128  # never give a split fewer context tokens than this (H100 batch 1: 256
-# -> 128 cut a llama-3-8b decode step by 1.8%, 64 gained less)
+# Never plan a split over fewer context tokens than this: at most max_seq_len // it splits. A
+# decode graph plans for its longest context (8192 tokens: up to 64 splits); a shorter context
+# leaves the last splits empty, and they end at once.
+_SPLIT_MIN_CHUNK = 128
 _SPLIT_MAX = 64
 
 
-# Runtime ints that vary with the batch are marked do_not_specialize: Triton would otherwise
-# compile a variant for == 1 and for multiples of 16 (~0.5 s each, the first time a batch
-# brings one, in the middle of a step: the block-table width turning 16 as contexts pass 256
-# tokens did on the GPU host).
 @triton.jit
 def _rope(x, x_rot, cos, sin, sign, TY: tl.constexpr):
     """x * cos + rotate_half(x) * sin over whole heads, fp32 in, rounded as the torch expression
@@ -67,6 +65,10 @@ def _rope(x, x_rot, cos, sin, sign, TY: tl.constexpr):
     return round_to(a + b, TY)
 
 
+# Runtime ints that vary with the batch are marked do_not_specialize: Triton would otherwise
+# compile a variant for == 1 and for multiples of 16 (~0.5 s each, the first time a batch
+# brings one, in the middle of a step: the block-table width turning 16 as contexts pass 256
+# tokens did on the GPU host).
 @triton.jit(do_not_specialize=["num_q_tiles", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,  # [T, Hq, D]
@@ -172,10 +174,10 @@ def _paged_attention_kernel(
         chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
+        ml_off = (tok * tl.num_programs(1) * GROUP + head) * num_splits + split  # [M]
         if lo >= hi:
             # Past the context (a graph's split count is fixed for the longest one it may see):
             # only the max, -inf, marks the split empty; the combine reads nothing else of it.
-            ml_off = (tok * tl.num_programs(1) * GROUP + head) * num_splits + split  # [M]
             tl.store(ws_m_ptr + ml_off, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
             return
     if ROPE:  # noqa: SIM102
@@ -185,8 +187,8 @@ def _paged_attention_kernel(
         if (ctx_start >= lo) & (ctx_start < hi):
             slot = tl.load(slot_ptr + q_start).to(tl.int64)
             if slot >= 0:
-                new_k = k_new_ptr + q_start.to(tl.int64) * stride_knt + kv_head * stride_knh
                 row = q_start.to(tl.int64)
+                new_k = k_new_ptr + row * stride_knt + kv_head * stride_knh
                 k_rot = _rope(
                     tl.load(new_k + dims).to(tl.float32),
                     tl.load(new_k + rot).to(tl.float32),
@@ -267,7 +269,6 @@ def _paged_attention_kernel(
             mask=row_ok[:, None],
         )
     else:
-        ml_off = (tok * tl.num_programs(1) * GROUP + head) * num_splits + split  # [M]
         tl.store(ws_m_ptr + ml_off, m_i, mask=row_ok)
         tl.store(ws_l_ptr + ml_off, l_i, mask=row_ok)
         tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
@@ -396,17 +397,13 @@ def paged_attention(
         k_new, v_new, cos, sin = rope
         if meta.max_query_len != 1:
             raise ValueError("fused RoPE + KV write is for decode batches (one token per request)")
-        if cos.dtype != q.dtype or sin.dtype != q.dtype or k_new.dtype != q.dtype:
-            raise ValueError(f"rope inputs must be in q's dtype ({q.dtype})")
-        if v_new.dtype != q.dtype:
+        if any(t.dtype != q.dtype for t in rope):
             raise ValueError(f"rope inputs must be in q's dtype ({q.dtype})")
         if k_new.shape != v_new.shape or k_new.shape != (num_tokens, num_kv_heads, head_dim):
             raise ValueError(f"bad new k/v shapes: {tuple(k_new.shape)}, {tuple(v_new.shape)}")
         if cos.shape != (num_tokens, head_dim) or sin.shape != cos.shape:
             raise ValueError(f"cos/sin must be [{num_tokens}, {head_dim}], got {tuple(cos.shape)}")
-        k_new, v_new, cos, sin = (
-            t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new, cos, sin)
-        )
+        rope = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in rope)
     out = torch.empty_like(q)
     num_seqs = meta.num_seqs
     if num_tokens == 0 or num_seqs == 0 or meta.max_query_len == 0:

@@ -320,13 +320,9 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(
     to 5k, split or not) reuse compiled kernels: no compile stalls a step mid-serving."""
     triton_attention.warm_up(32, 8, head_dim, 16, torch.bfloat16, torch.device("cuda"), window)
     before = _compiled_variants()
-    rng = torch.Generator().manual_seed(0)
-    for _ in range(24):
-        n = int(torch.randint(1, 65, (1,), generator=rng))
-        q_max = int(torch.randint(1, 301, (1,), generator=rng))
-        new = torch.randint(1, q_max + 1, (n,), generator=rng).tolist()
-        ctx = [q + int(torch.randint(0, 5000, (1,), generator=rng)) for q in new]
-        b = build_batch(
+
+    def batch(ctx: list[int], new: list[int]) -> PagedBatch:
+        return build_batch(
             ctx,
             new,
             num_heads=32,
@@ -337,20 +333,16 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(
             device="cuda",
             gen=gen,
         )
-        check_attention(b, tol, sliding_window=window)
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        n = int(torch.randint(1, 65, (1,), generator=rng))
+        q_max = int(torch.randint(1, 301, (1,), generator=rng))
+        new = torch.randint(1, q_max + 1, (n,), generator=rng).tolist()
+        ctx = [q + int(torch.randint(0, 5000, (1,), generator=rng)) for q in new]
+        check_attention(batch(ctx, new), tol, sliding_window=window)
         if q_max == 1 or _ % 6 == 0:  # decode batches also run with RoPE + KV write fused
-            dec = [c - q + 1 for c, q in zip(ctx, new)]
-            d = build_batch(
-                dec,
-                [1] * n,
-                num_heads=32,
-                num_kv_heads=8,
-                head_dim=head_dim,
-                block_size=16,
-                dtype=torch.bfloat16,
-                device="cuda",
-                gen=gen,
-            )
+            d = batch([c - q + 1 for c, q in zip(ctx, new)], [1] * n)
             cos = torch.ones(n, head_dim, dtype=torch.bfloat16, device="cuda")
             triton_attention.rope_write_kv_attention(
                 d.q, d.k_new, d.v_new, cos, cos, d.k_cache, d.v_cache, d.meta, 0.1, window
@@ -358,16 +350,5 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(
     # split multi-token batches (verification steps, a draft's first forward) of the decode
     # tile config: full-width KV steps, unlike split single-token tiles
     for q in (2, 3, 4):
-        v = build_batch(
-            [3000, 2000],
-            [q, q],
-            num_heads=32,
-            num_kv_heads=8,
-            head_dim=head_dim,
-            block_size=16,
-            dtype=torch.bfloat16,
-            device="cuda",
-            gen=gen,
-        )
-        check_attention(v, tol, sliding_window=window)
+        check_attention(batch([3000, 2000], [q, q]), tol, sliding_window=window)
     assert _compiled_variants() == before
