@@ -857,3 +857,29 @@ def test_target_samples_of_the_base_size_postpone_its_refresh_exploration() -> N
     assert not policy._explore_due(64)
     policy._num_plans = 300 + policy.refresh_interval
     assert policy._explore_due(64)
+
+
+def test_paused_steps_fade_a_low_rate_so_the_request_drafts_again_after_the_pause() -> None:
+    """A batch-1 request whose first drafts were rejected three times (its rate falls to 0.4:
+    off, while the replica-wide 0.9 would draft) pauses for ``explore_interval`` steps. Those
+    steps drafted nothing, so its evidence fades one step each, as an off plan's does: the first
+    pricing after the pause (the engine's dry plan) finds it near the replica-wide rate again,
+    and it drafts. (Fading only at plans, the dry plans kept pricing it at 0.4-0.5 and the
+    request stayed off for most of a 128-token output: H100, temperature 1, 166 tok/s against
+    290 when it drafted.)"""
+    policy = AdaptiveSpecPolicy(8, tracker=AcceptanceTracker(prior=0.9), explore_interval=16)
+    for n, t in ((1, 0.0059), (1, 0.0059), (9, 0.007), (9, 0.007)):
+        policy.observe_target(n, t)
+    for _ in range(2):
+        policy.observe_draft(1, 0.002)
+    cands = [("a", 8)]
+    batch = lambda: (cands, [(0, 100)])  # noqa: E731
+    for _ in range(3):
+        policy.observe_verification("a", 8, 0)
+    assert policy.plan(cands, num_requests=1, base_tokens=1) == {"a": 0}
+    paused = 0
+    while policy.speculation_paused(1, batch):
+        policy.skip_plan()
+        paused += 1
+    assert paused == 16
+    assert policy.plan(cands, num_requests=1, base_tokens=1)["a"] > 0

@@ -96,7 +96,8 @@ could still draft ``max_k`` (a plan off only because every request is about to f
 otherwise keep the next request at that batch size from speculating), it was made fewer than
 ``pause_replan_interval`` steps ago (acceptance rates, costs and the batch's composition may have
 moved: re-plan now and then; ``explore_interval`` steps when the plan was off only for the
-requests' own low acceptance, which fades back toward the replica-wide rate plan by plan),
+requests' own low acceptance, which fades back toward the replica-wide rate step by step, the
+paused steps included: the next pricing, dry or real, fades it for each step paused since),
 and the next plan would not be a probe (a due probe waits while the steps carry prompt chunks:
 it runs only in a decode step). A speculation-off exploration
 (one step measuring T(n_base)) does not pause. Each skipped plan (``skip_plan``) counts as a
@@ -368,13 +369,14 @@ class AcceptanceTracker:
         self.global_accepted = 0.99 * self.global_accepted + accepted
         self.global_tried = 0.99 * self.global_tried + tried
 
-    def idle(self, request_id: str) -> None:
-        """A step the request did not draft: its evidence fades toward the prior, so a request
-        switched off for low acceptance is retried after a few steps."""
+    def idle(self, request_id: str, steps: int = 1) -> None:
+        """``steps`` steps the request did not draft: its evidence fades toward the prior, so a
+        request switched off for low acceptance is retried after a few steps."""
         c = self._counts.get(request_id)
-        if c is not None:
-            c[0] *= self.decay
-            c[1] *= self.decay
+        if c is not None and steps > 0:
+            f = self.decay**steps
+            c[0] *= f
+            c[1] *= f
 
     def forget(self, request_id: str) -> None:
         self._counts.pop(request_id, None)
@@ -570,6 +572,7 @@ class AdaptiveSpecPolicy:
         # speculate, but no full plan there has realized a win yet (_steady_verdict).
         self._prefill_paused: int | None = None
         self._skipped = 0
+        self._unfaded = 0  # paused steps whose requests' evidence has not faded yet
         self._pause_limit = pause_replan_interval  # skipped plans before the next plan
         # The latest plan if it was a full speculating plan (not an exploration or probe), else
         # None; and the plan before it. A step verifies the one's drafts, proposes the other's.
@@ -590,6 +593,7 @@ class AdaptiveSpecPolicy:
         draft_lag: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, int]:
         self._num_plans += 1
+        self._fade(candidates)
         self._skipped = 0
         self._paused_bucket = self._prefill_paused = None
         self._prev_full, self._full = self._full, None
@@ -669,7 +673,8 @@ class AdaptiveSpecPolicy:
             # the requests that will replace them)
             self._paused_bucket = _bucket(num_requests)
             # Off for the requests' own low acceptance (at the replica-wide rate a plan would
-            # speculate): their evidence fades only at plans (idle below), so pause briefly.
+            # speculate): their evidence fades a step at a time (idle below; _fade for the
+            # paused steps), so pause briefly.
             # One early rejection must not keep a batch-1 request off for its whole output.
             prior = [self.tracker.global_rate] * len(rates)
             at_prior = not vetoed and any(
@@ -698,13 +703,12 @@ class AdaptiveSpecPolicy:
             return False
         self._skip_bucket = b  # (skip_plan counts the paused step there)
         replan = self._skipped >= self._pause_limit
-        if not replan and (
-            self._paused_bucket == b or (prefill and self._prefill_paused == b)
-        ):
+        if not replan and (self._paused_bucket == b or (prefill and self._prefill_paused == b)):
             return True
         if batch is None or self._explore_due(num_requests):
             return False
         candidates, lags = batch()
+        self._fade(candidates)
         verdict = self._steady_verdict(candidates, num_requests, padded_k, lags)
         if verdict == "unrealized" and prefill:  # (plan's rule for prefill steps)
             self._prefill_paused = b
@@ -722,6 +726,15 @@ class AdaptiveSpecPolicy:
                 if cap:
                     self.tracker.idle(rid)
         return True
+
+    def _fade(self, candidates: Sequence[tuple[str, int]]) -> None:
+        """The steps paused since the last pricing drafted nothing: the evidence of the requests
+        they ran fades one step each, as an off plan's does (a request paused for its own low
+        acceptance would otherwise come back at the rate it left with, and pause again)."""
+        if self._unfaded:
+            for rid, _ in candidates:
+                self.tracker.idle(rid, self._unfaded)
+            self._unfaded = 0
 
     def _probe_interval_at(self, num_requests: int) -> int:
         b = _bucket(num_requests)
@@ -838,6 +851,7 @@ class AdaptiveSpecPolicy:
         self._num_plans += 1
         self._off_streak[self._skip_bucket] = self._off_streak.get(self._skip_bucket, 0) + 1
         self._skipped += 1
+        self._unfaded += 1
         self.stats.skipped += 1
 
     def _exploration_k(
