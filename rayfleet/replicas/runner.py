@@ -32,7 +32,7 @@ from rayfleet.replicas.sampler import Sampler, SamplerRow
 from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy
 from rayfleet.replicas.spec.rejection import RejectionSampler, SpecRow
 from rayfleet.replicas.transfer import index_tensor as _index
-from rayfleet.replicas.transfer import to_device, to_device_packed
+from rayfleet.replicas.transfer import to_device_packed
 
 if TYPE_CHECKING:
     from rayfleet.replicas.engine.request import Request
@@ -75,6 +75,7 @@ class _StepInputs:
     sample_rids: list[str]  # requests that sample this step, in row order
     num_spec: list[int]  # drafts verified, per sampling request
     logits_idx: list[int]  # rows of the hidden states to compute logits for
+    logits_rows: torch.Tensor  # the same on the device (int64)
     starts: dict[str, int]
 
 
@@ -411,12 +412,12 @@ class ModelRunner:
                 sample_rids.append(rid)
                 num_spec.append(k)
                 logits_idx.extend(range(qsl[-1] - k - 1, qsl[-1]))
-        meta, (ids_t, positions_t, src, dst) = self._metadata(
+        meta, (ids_t, positions_t, src, dst, rows_t) = self._metadata(
             slots,
             qsl,
             seq_lens,
             tables,
-            [(v, torch.int64) for v in (input_ids, positions, fill_src, fill_dst)],
+            [(v, torch.int64) for v in (input_ids, positions, fill_src, fill_dst, logits_idx)],
         )
         if fill_dst:
             assert self._prev_tokens is not None
@@ -428,6 +429,7 @@ class ModelRunner:
             sample_rids=sample_rids,
             num_spec=num_spec,
             logits_idx=logits_idx,
+            logits_rows=rows_t,
             starts=starts,
         )
 
@@ -441,7 +443,7 @@ class ModelRunner:
         if not inp.logits_idx:
             return None
         if hidden.shape[0] != len(inp.logits_idx):  # else every row is sampled, in order
-            hidden = hidden[to_device(inp.logits_idx, torch.int64, self.device)]
+            hidden = hidden[inp.logits_rows]
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()

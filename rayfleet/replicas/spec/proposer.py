@@ -171,14 +171,19 @@ class DraftProposer:
             seq_lens.append(r.end)
             tables.append(r.block_ids)
         dev = self.device
-        meta, (ids_t, positions_t) = build_attention_metadata(
-            slots, qsl, seq_lens, tables, dev, [(input_ids, torch.int64), (positions, torch.int64)]
+        last = [n - 1 for n in qsl[1:]]  # each span's last token
+        meta, (ids_t, positions_t, last_t) = build_attention_metadata(
+            slots,
+            qsl,
+            seq_lens,
+            tables,
+            dev,
+            [(input_ids, torch.int64), (positions, torch.int64), (last, torch.int64)],
         )
         hidden = self._run(ids_t, positions_t, meta)
         if len(input_ids) == len(reqs):
             return hidden, len(input_ids)
-        last = index_tensor([n - 1 for n in qsl[1:]], dev)
-        return hidden.index_select(0, last), len(input_ids)
+        return hidden.index_select(0, last_t), len(input_ids)
 
     @torch.inference_mode()
     def propose(self, reqs: list[DraftRequest]) -> DraftProposals:
