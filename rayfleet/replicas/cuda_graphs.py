@@ -214,6 +214,13 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 self.output[: b * q].copy_(self._forward(b, q))
             self.graphs[b, q] = graph
+        # Launch each graph once now: a graph's first launch also uploads it to the device, a
+        # cost that would otherwise land on the first step replaying it, and on the cost
+        # model's first sample of that step's size (spec/adaptive.py). The static inputs are
+        # the warm-up's: zero slots, so the KV writes go to the null block.
+        for (_, q), graph in self.graphs.items():
+            self.seq_lens.fill_(q)
+            graph.replay()
         torch.cuda.synchronize()
         self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
         logger.info(
