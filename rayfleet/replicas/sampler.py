@@ -21,7 +21,7 @@ before penalties, temperature and truncation (vLLM's default "raw_logprobs").
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +109,14 @@ class Sampler:
             self._row_generators[device] = gen
         return gen
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplerRow],
+        queued: Callable[[], None] | None = None,
+    ) -> SamplerOutput:
+        """Sample every row; ``queued`` is called once the device work is queued, before the
+        host waits for the ids (the runner's end-of-step event for the cost model)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab]; got {tuple(logits.shape)}"
@@ -118,6 +125,8 @@ class Sampler:
         if num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
         token_ids = self.sample_on_device(logits, rows)
+        if queued is not None:
+            queued()
         ids = token_ids.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
