@@ -13,8 +13,10 @@ from rayfleet.replicas.spec.adaptive import (
     AdaptiveSpecPolicy,
     CostCurve,
     drafts_worth,
+    expected_max_normal,
     expected_tokens,
     plan_speculation,
+    tokens_variance,
 )
 from rayfleet.replicas.spec.adaptive import _bucket as adaptive_bucket
 
@@ -883,3 +885,59 @@ def test_paused_steps_fade_a_low_rate_so_the_request_drafts_again_after_the_paus
         paused += 1
     assert paused == 16
     assert policy.plan(cands, num_requests=1, base_tokens=1)["a"] > 0
+
+
+def test_tokens_variance_and_expected_max_normal() -> None:
+    assert tokens_variance(0.5, 1) == 0.25  # 0 or 1 accepted, evenly
+    assert tokens_variance(1.0, 3) == 0.0  # always all 3
+    # 0.9, k = 2: A in {0, 1, 2} with P 0.1, 0.09, 0.81: E[A] 1.71, E[A^2] 3.33
+    assert tokens_variance(0.9, 2) == pytest.approx(3.33 - 1.71**2)
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(8) == pytest.approx(1.434, abs=1e-3)
+    assert expected_max_normal(64) == pytest.approx(2.337, abs=1e-3)
+
+
+def test_a_plan_must_also_drain_the_batch_faster_than_off() -> None:
+    """Batch 64, H100-like costs: k = 4 at 0.88 yields 1.19x the off rate per step, but the
+    last of 64 requests with 128 tokens to go lags the mean by 2.34 standard deviations, about
+    5 of 33 steps: the batch drains no faster than off, so no plan. With 2000 tokens to go the
+    lag is small against the gain, and at batch 8 the gain is 1.86x: both speculate."""
+
+    def plan(n: int, drain: int):
+        def target(x: float) -> float:
+            return (0.006 if n == 8 else 0.007) + max(0, x - n) * (1e-5 if n == 8 else 2.34e-5)
+
+        return plan_speculation(
+            [0.88] * n,
+            [4] * n,
+            num_requests=n,
+            base_tokens=n,
+            target_time=target,
+            draft_time=lambda m: 0.0015 if m > 8 else 0.0012,
+            min_gain=1.1,
+            max_padded_k=4,
+            overhead=0.004 if n == 64 else 0.0015,
+            drain_tokens=drain,
+        )
+
+    assert set(plan(64, 0).num_spec) == {4}  # (no drain term: priced per step, 1.19x)
+    assert plan(64, 0).tokens_per_s == pytest.approx(1.186 * plan(64, 0).off_tokens_per_s, 1e-3)
+    assert set(plan(64, 128).num_spec) == {0}
+    assert set(plan(64, 2000).num_spec) == {4}
+    assert set(plan(8, 128).num_spec) == {4}
+
+
+def test_the_policy_drains_by_the_candidates_tokens_left() -> None:
+    """The policy's plans take the drain bound from the draft lags' tokens left."""
+    policy = AdaptiveSpecPolicy(4, tracker=AcceptanceTracker(prior=0.88))
+    for n, t in ((64, 0.007), (128, 0.0085), (192, 0.010), (256, 0.0115), (320, 0.013)):
+        policy.observe_target(n, t)
+        policy.observe_target(n, t)
+    for _ in range(2):
+        policy.observe_draft(64, 0.0015)
+        policy.overhead.observe(64, 0.004)
+    policy._explored_at[adaptive_bucket(64)] = 0
+    cands = [(f"q{i}", 4) for i in range(64)]
+    kw = {"num_requests": 64, "base_tokens": 64, "max_padded_k": 4}
+    assert set(policy.plan(cands, draft_lag=[(2, 2000)] * 64, **kw).values()) == {4}
+    assert set(policy.plan(cands, draft_lag=[(2, 128)] * 64, **kw).values()) == {0}
