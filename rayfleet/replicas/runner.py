@@ -467,19 +467,13 @@ class ModelRunner:
             events[0].record()
         logits = self._forward(inp)
         out = RunnerOutput()
-        ended = False
-
-        def queued() -> None:
-            nonlocal ended
-            if events is not None and not any(inp.num_spec):
-                events[1].record()
-                ended = True
-
+        # (without drafts every sampled row is a plain one: the Sampler runs, and calls this)
+        queued = events[1].record if events is not None and not any(inp.num_spec) else None
         if logits is not None:
             self._sample(logits, inp.sample_rids, inp.num_spec, out, queued)
         if self.proposer is not None:
             if events is not None and logits is not None:
-                if not ended:
+                if queued is None:
                     events[1].record()
                 events[1].synchronize()  # sampling synchronized already: returns at once
                 seconds = events[0].elapsed_time(events[1]) / 1e3

@@ -853,7 +853,7 @@ class AdaptiveSpecPolicy:
             overhead=self.overhead.settled(num_requests) or 0.0,
             catchup=catchup,
             catchup_s_per_token=per_token,
-            drain_tokens=max((left for _, left in draft_lag), default=0) if draft_lag else 0,
+            drain_tokens=max((left for _, left in draft_lag or ()), default=0),
         )
 
     def _steady_verdict(
