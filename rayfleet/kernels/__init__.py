@@ -83,7 +83,12 @@ def _load_builtin() -> None:
     # Triton backends register as "triton" with the same priority as "torch", which registered
     # first and so stays the default; the runner asks for "triton" explicitly on CUDA.
     with contextlib.suppress(ImportError):  # no triton on this machine: the references serve
-        from rayfleet.kernels import triton_attention, triton_gemv, triton_ops  # noqa: F401
+        from rayfleet.kernels import (  # noqa: F401
+            triton_attention,
+            triton_gemv,
+            triton_ops,
+            triton_step_io,
+        )
     from rayfleet.kernels import (
         attention_sdpa,  # noqa: F401  (stock-torch fast path)
         fp8_linear,  # noqa: F401  (cuBLAS FP8)

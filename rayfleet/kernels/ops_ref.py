@@ -181,3 +181,72 @@ def quantize_rows_fp8(
     CUDA torch makes of a division by a scalar, so CPU and GPU agree)."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * (1.0 / FP8_MAX)
     return to_cache_dtype(x.float() / scale, torch.float8_e4m3fn), scale
+
+
+@register("argmax", "torch")
+def argmax(
+    x: torch.Tensor,  # [N, V]
+    out_host: torch.Tensor | None = None,  # [N] int64 host tensor, also given the ids
+) -> torch.Tensor:  # [N] int64 on x's device
+    """The first index of each row's maximum, NaN ranked highest (``torch.argmax``)."""
+    out = x.argmax(dim=-1)
+    if out_host is not None:
+        out_host.copy_(out, non_blocking=True)
+    return out
+
+
+@register("stage_step_inputs", "torch")
+def stage_step_inputs(
+    src: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    dst: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    q: int,
+    size: int,
+    fill: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+) -> None:
+    """A step of b requests computing q tokens each, into a CUDA graph's static buffers of batch
+    ``size`` >= b (cuda_graphs.py). ``src`` = (ids, positions, slots [b*q] int64, seq_lens [b]
+    int32, block tables [b, w] int32), ``dst`` the same buffers with room for ``size`` requests
+    (tables [>= size, W >= w]). Token row t takes the id ``prev[fill[t]]`` where fill[t] >= 0
+    (a token the previous step sampled and the host has not seen). Padding requests b..size-1
+    get q rows of id 0 at position 0 into slot 0 (the null block) and context q; their table
+    rows, and table columns past w, are left as they are."""
+    b, w = check_stage(src, dst, q, size, fill, prev)
+    s_ids, s_pos, s_slots, s_lens, s_tables = src
+    ids, pos, slots, lens, tables = dst
+    n, dev = b * q, ids.device
+    ids[:n].copy_(s_ids)
+    if fill is not None and prev is not None:
+        f = fill.to(dev)
+        ids[:n] = torch.where(f >= 0, prev[f.clamp(min=0)], ids[:n])
+    pos[:n].copy_(s_pos)
+    slots[:n].copy_(s_slots)
+    lens[:b].copy_(s_lens)
+    tables[:b, :w].copy_(s_tables)
+    for buf in (ids, pos, slots):
+        buf[n : size * q] = 0
+    lens[b:size] = q
+
+
+def check_stage(
+    src: tuple[torch.Tensor, ...],
+    dst: tuple[torch.Tensor, ...],
+    q: int,
+    size: int,
+    fill: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> tuple[int, int]:
+    """(requests b, table width w) after checking the shapes ``stage_step_inputs`` relies on."""
+    s_ids, s_pos, s_slots, s_lens, s_tables = src
+    ids, pos, slots, lens, tables = dst
+    b, w = s_tables.shape
+    n = b * q
+    if s_lens.shape != (b,) or any(t.shape != (n,) for t in (s_ids, s_pos, s_slots)):
+        raise ValueError(f"a step of {b} requests x {q} tokens needs [{n}] token rows, [{b}] lens")
+    if b > size or ids.shape[0] < size * q or lens.shape[0] < size or tables.shape[0] < size:
+        raise ValueError(f"{b} requests do not fit buffers of batch {size} x {q}")
+    if w > tables.shape[1] or tables.stride(1) != 1 or s_tables.stride(1) != 1:
+        raise ValueError(f"block tables of width {w} do not fit {tuple(tables.shape)}")
+    if (fill is None) != (prev is None) or (fill is not None and fill.shape != (n,)):
+        raise ValueError("fill [b*q] and prev go together")
+    return b, w

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayfleet import kernels
 from rayfleet.kernels.attention_ref import AttentionMetadata
 from rayfleet.replicas.model.forward import AttentionKernels, ForwardBatch
 from rayfleet.replicas.transfer import index_tensor, to_device
@@ -142,6 +143,12 @@ class DecodeGraphs:
         self.memory_bytes = 0
         # Tests on CPU: run the captured-shape forward eagerly over the same static buffers.
         self.emulated = False
+        self._stage_op = kernels.get(
+            "stage_step_inputs",
+            "triton"
+            if device.type == "cuda" and "triton" in kernels.backends("stage_step_inputs")
+            else kernels.REFERENCE,
+        )
 
     @classmethod
     def capture_for(
@@ -230,18 +237,56 @@ class DecodeGraphs:
         )
 
     def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        q = meta.max_query_len
+        return self.fits(
+            meta.num_seqs,
+            meta.max_query_len,
+            num_tokens,
+            meta.block_tables.shape[1],
+            meta.max_seq_len,
+        )
+
+    def fits(
+        self, num_seqs: int, q: int, num_tokens: int, table_width: int, max_seq_len: int
+    ) -> bool:
+        """Whether a step of ``num_seqs`` requests computing at most ``q`` tokens each
+        (``num_tokens`` in all) replays a graph."""
         sizes = self.sizes_by_q.get(q)
         return (
             (bool(self.graphs) or self.emulated)
             and sizes is not None
-            and meta.num_seqs <= sizes[-1]
-            and num_tokens <= meta.num_seqs * q
-            and meta.block_tables.shape[1] <= self.max_blocks
+            and num_seqs <= sizes[-1]
+            and num_tokens <= num_seqs * q
+            and table_width <= self.max_blocks
             # Padded contexts (start + q) stay within what the block-table buffer and the
             # captured launch shapes cover.
-            and meta.max_seq_len + q - 1 <= self.max_seq_len
+            and max_seq_len + q - 1 <= self.max_seq_len
         )
+
+    def stage(
+        self,
+        src: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        q: int,
+        fill: torch.Tensor | None = None,
+        prev: torch.Tensor | None = None,
+    ) -> int:
+        """Write a step in which every request computes exactly q tokens into the static inputs
+        (one kernel, ``kernels.ops_ref.stage_step_inputs``): ``src`` = (ids, positions, slots
+        [b*q] int64, seq_lens [b] int32, block tables [b, w] int32), on the device or in pinned
+        host memory; row t's id is ``prev[fill[t]]`` where fill[t] >= 0. ``fits`` must hold.
+        Returns the batch size of the graph to replay."""
+        b = src[3].shape[0]
+        size = next(s for s in self.sizes_by_q[q] if s >= b)
+        dst = (self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables)
+        self._stage_op(src, dst, q, size, fill, prev)
+        return size
+
+    def replay(
+        self, size: int, q: int, num_tokens: int, seq_lens_cpu: list[int]
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """Replay the graph of a step staged by ``stage`` (``seq_lens_cpu``: its requests'
+        contexts, read only when emulating)."""
+        padded = seq_lens_cpu + [q] * (size - len(seq_lens_cpu)) if self.emulated else None
+        return self._replay(size, q, padded)[:num_tokens]
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -250,19 +295,12 @@ class DecodeGraphs:
         b, q = meta.num_seqs, meta.max_query_len
         size = next(s for s in self.sizes_by_q[q] if s >= b)
         num_tokens = input_ids.shape[0]
+        if num_tokens == b * q:  # every request computes q tokens: the layout is the identity
+            src = (input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            self.stage(src, q)
+            return self.replay(size, q, num_tokens, meta.seq_lens_cpu)
         w = meta.block_tables.shape[1]
         self.block_tables[:b, :w].copy_(meta.block_tables)
-        if num_tokens == b * q:  # every request computes q tokens: the layout is the identity
-            self.input_ids[:num_tokens].copy_(input_ids)
-            self.positions[:num_tokens].copy_(positions)
-            self.slot_mapping[:num_tokens].copy_(meta.slot_mapping)
-            self.seq_lens[:b].copy_(meta.seq_lens)
-            if size > b:  # padding requests: q rows into the null block, context q
-                self.slot_mapping[num_tokens : size * q].zero_()
-                self.positions[num_tokens : size * q].zero_()
-                self.seq_lens[b:size].fill_(q)
-            padded = meta.seq_lens_cpu + [q] * (size - b) if self.emulated else None
-            return self._replay(size, q, padded)[:num_tokens]
         layout = uniform_query_layout(meta.query_start_loc_cpu, meta.seq_lens_cpu, q, size)
         dest = index_tensor(layout.dest, self.device)  # [num_tokens]
         n = size * q

@@ -31,8 +31,8 @@ from rayfleet.replicas.model.forward import AttentionKernels, ForwardBatch
 from rayfleet.replicas.sampler import Sampler, SamplerRow
 from rayfleet.replicas.spec.adaptive import AdaptiveSpecPolicy
 from rayfleet.replicas.spec.rejection import RejectionSampler, SpecRow
+from rayfleet.replicas.transfer import PinnedStaging, to_device_packed
 from rayfleet.replicas.transfer import index_tensor as _index
-from rayfleet.replicas.transfer import to_device_packed
 
 if TYPE_CHECKING:
     from rayfleet.replicas.engine.request import Request
@@ -66,16 +66,29 @@ class _RunnerRequest:
 
 
 @dataclass
-class _StepInputs:
-    """One step's batch, on the device, plus what sampling needs."""
+class _StagedGraph:
+    """A step already written into the decode graphs' static inputs (DecodeGraphs.stage)."""
 
-    ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    meta: AttentionMetadata
+    size: int  # the graph's batch size
+    q: int  # tokens per request
+    num_tokens: int
+    seq_lens: list[int]
+
+
+@dataclass
+class _StepInputs:
+    """One step's batch, on the device, plus what sampling needs. A step that replays a graph
+    with every request computing q tokens is staged into the graph's inputs at once (``graph``;
+    ``ids``, ``positions`` and ``meta`` are then None)."""
+
+    ids: torch.Tensor | None  # [T] int64
+    positions: torch.Tensor | None  # [T] int64
+    meta: AttentionMetadata | None
+    graph: _StagedGraph | None
     sample_rids: list[str]  # requests that sample this step, in row order
     num_spec: list[int]  # drafts verified, per sampling request
     logits_idx: list[int]  # rows of the hidden states to compute logits for
-    logits_rows: torch.Tensor  # the same on the device (int64)
+    logits_rows: torch.Tensor | None  # the same on the device (int64); None: every row, in order
     starts: dict[str, int]
 
 
@@ -203,6 +216,8 @@ class ModelRunner:
         # of each sampling request in it, for the next step's inputs (see launch).
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[str, tuple[_RunnerRequest, int]] = {}
+        # Inputs of steps staged into the graphs, read by the staging kernel in pinned memory.
+        self._staging = PinnedStaging(device)
 
     # ---- KV cache ------------------------------------------------------------------------------
     @property
@@ -280,12 +295,13 @@ class ModelRunner:
             # Verification takes k + 1 rows of logits per request, and the verifier holds
             # probabilities beside them (target, draft, residual): profile that worst case.
             rows = min(n_tok, n_seq * (self.num_speculative_tokens + 1))
-            logits = self.model.compute_logits(hidden[:rows])
+            logits = self.model.compute_logits(hidden[:rows]).float()
             probs = logits.softmax(dim=-1)
             draft_probs = probs.clone()
             del logits, probs, draft_probs
         else:
-            self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=self.device) - 1])
+            # (float32: what a sampled row's penalties / probabilities compute in)
+            self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=self.device) - 1]).float()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         kv_profile = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
@@ -412,7 +428,49 @@ class ModelRunner:
                 sample_rids.append(rid)
                 num_spec.append(k)
                 logits_idx.extend(range(qsl[-1] - k - 1, qsl[-1]))
-        meta, (ids_t, positions_t, src, dst, rows_t) = self._metadata(
+        b, num_tokens = len(seq_lens), qsl[-1]
+        q = max(qsl[i + 1] - qsl[i] for i in range(b))
+        every_row = len(logits_idx) == num_tokens  # (then they are in order)
+        if (
+            self.graphs is not None
+            and num_tokens == b * q
+            and self.graphs.fits(b, q, num_tokens, max(map(len, tables)), max(seq_lens))
+        ):
+            fill = np.full(num_tokens, -1, dtype=np.int64)
+            fill[fill_dst] = fill_src
+            width = max(map(len, tables))
+            padded = np.zeros((b, width), dtype=np.int32)  # 0 = the null block
+            for row, t in zip(padded, tables):
+                row[: len(t)] = t
+            *src, fill_h = self._staging.stage(
+                [
+                    (input_ids, torch.int64),
+                    (positions, torch.int64),
+                    (slots, torch.int64),
+                    (seq_lens, torch.int32),
+                    (padded, torch.int32),
+                    (fill, torch.int64),
+                ]
+            )
+            size = self.graphs.stage(
+                tuple(src),  # type: ignore[arg-type]
+                q,
+                fill_h if fill_dst else None,
+                self._prev_tokens if fill_dst else None,
+            )
+            self._staging.queued()
+            return _StepInputs(
+                ids=None,
+                positions=None,
+                meta=None,
+                graph=_StagedGraph(size, q, num_tokens, seq_lens),
+                sample_rids=sample_rids,
+                num_spec=num_spec,
+                logits_idx=logits_idx,
+                logits_rows=None if every_row else _index(logits_idx, self.device),
+                starts=starts,
+            )
+        meta, (ids_t, positions_t, src_t, dst_t, rows_t) = self._metadata(
             slots,
             qsl,
             seq_lens,
@@ -421,28 +479,35 @@ class ModelRunner:
         )
         if fill_dst:
             assert self._prev_tokens is not None
-            ids_t[dst] = self._prev_tokens[src]
+            ids_t[dst_t] = self._prev_tokens[src_t]
         return _StepInputs(
             ids=ids_t,
             positions=positions_t,
             meta=meta,
+            graph=None,
             sample_rids=sample_rids,
             num_spec=num_spec,
             logits_idx=logits_idx,
-            logits_rows=rows_t,
+            logits_rows=None if every_row else rows_t,
             starts=starts,
         )
 
     def _forward(self, inp: _StepInputs) -> torch.Tensor | None:
         """The model over the batch; logits [len(logits_idx), V] of the sampled rows, or None
         when no request samples this step (its KV is written all the same)."""
-        if self.graphs is not None and self.graphs.can_run(inp.meta, inp.ids.shape[0]):
-            hidden = self.graphs.run(inp.ids, inp.positions, inp.meta)
+        g = inp.graph
+        if g is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.replay(g.size, g.q, g.num_tokens, g.seq_lens)
         else:
-            hidden = self.model(inp.ids, inp.positions, self._batch(inp.meta))
+            assert inp.ids is not None and inp.positions is not None and inp.meta is not None
+            if self.graphs is not None and self.graphs.can_run(inp.meta, inp.ids.shape[0]):
+                hidden = self.graphs.run(inp.ids, inp.positions, inp.meta)
+            else:
+                hidden = self.model(inp.ids, inp.positions, self._batch(inp.meta))
         if not inp.logits_idx:
             return None
-        if hidden.shape[0] != len(inp.logits_idx):  # else every row is sampled, in order
+        if inp.logits_rows is not None:  # else every row is sampled, in order
             hidden = hidden[inp.logits_rows]
         return self.model.compute_logits(hidden)
 
@@ -522,7 +587,10 @@ class ModelRunner:
             return None
         states = [(rid, self.requests[rid]) for rid in inp.sample_rids]
         rows = [self._sampler_row(st) for _, st in states]
-        tokens = self.sampler.sample_on_device(logits, rows)  # [R] int64
+        host = None
+        if self.device.type == "cuda":  # (the sampler stores the ids there too, in stream order)
+            host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+        tokens = self.sampler.sample_on_device(logits, rows, host)  # [R] int64
         if timing is not None:
             timing[2].record()
         elif timed and tokens.device.type != "cuda":
@@ -532,10 +600,8 @@ class ModelRunner:
             st.num_pending += 1
         self._prev_tokens = tokens
         self._prev_rows = {rid: (st, i) for i, (rid, st) in enumerate(states)}
-        if tokens.device.type != "cuda":
+        if host is None:
             return PendingStep(states=states, host_tokens=tokens, ready=None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         return PendingStep(states=states, host_tokens=host, ready=ready, timing=timing)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayfleet import kernels
 from rayfleet.replicas.transfer import index_tensor as _index
 from rayfleet.replicas.transfer import to_device as _to_device
 from rayfleet.sampling_params import SamplingParams
@@ -134,13 +135,24 @@ class Sampler:
             _fill_logprobs(logits.float(), rows, want, token_ids, logprobs)
         return SamplerOutput(token_ids=ids, logprobs=logprobs)
 
-    def sample_on_device(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-        """Token ids [N] (int64, on the logits' device), without synchronizing with the device:
-        overlapped scheduling copies them to the host later."""
+    def sample_on_device(
+        self, logits: torch.Tensor, rows: list[SamplerRow], out_host: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids [N] (int64, on the logits' device), without synchronizing with the device;
+        with ``out_host`` (pinned [N] int64 on CUDA) they are also stored there, in stream
+        order (overlapped scheduling reads them there once the step's event has passed)."""
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
         if len(greedy) == len(rows) and not self._masks_anything(rows):
             # argmax of the model-dtype logits equals argmax of their exact float32 upcast.
-            return argmax_rows(logits)
+            return argmax_rows(logits, out_host)
+        token_ids = self._sample_rows(logits, rows, greedy)
+        if out_host is not None:
+            out_host.copy_(token_ids, non_blocking=True)
+        return token_ids
+
+    def _sample_rows(
+        self, logits: torch.Tensor, rows: list[SamplerRow], greedy: list[int]
+    ) -> torch.Tensor:  # [N] int64
         x = self.apply_penalties(logits.float(), rows)  # [N, V]
         if len(greedy) == len(rows):
             return argmax_rows(x)
@@ -307,24 +319,15 @@ class Sampler:
         return e.clamp_(min=torch.finfo(e.dtype).tiny)
 
 
-# A row's argmax is one reduction block per row: for a few rows over a 128k vocabulary that one
-# block reads the whole row alone (28 us on an H100 at batch 1). Over this many rows or fewer,
-# argmax_rows reduces in two stages: the max of each of _ARGMAX_CHUNKS chunks in parallel, then
-# the best chunk.
-_ARGMAX_TWO_STAGE_ROWS = 8
-_ARGMAX_CHUNKS = (512, 256, 128)
-
-
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N] int64
-    """``x.argmax(dim=-1)``, same index on ties (the first) and NaN (ranked highest)."""
-    n, v = x.shape
-    chunks = next((c for c in _ARGMAX_CHUNKS if v % c == 0 and v // c >= 64), None)
-    if n > _ARGMAX_TWO_STAGE_ROWS or chunks is None:
-        return x.argmax(dim=-1)
-    width = v // chunks
-    vals, idx = x.view(n, chunks, width).max(dim=-1)  # [N, chunks]: first max of each chunk
-    best = vals.argmax(dim=-1, keepdim=True)  # [N, 1]: the first chunk holding the row's max
-    return (best * width + idx.gather(-1, best)).squeeze(-1)
+def argmax_rows(
+    x: torch.Tensor, out_host: torch.Tensor | None = None
+) -> torch.Tensor:  # [N, V] -> [N] int64
+    """``x.argmax(dim=-1)``: the first index on ties, NaN ranked highest; with ``out_host`` (a
+    pinned [N] int64 host tensor on CUDA) the ids are also stored there, in stream order. On CUDA
+    the Triton kernel (kernels/triton_step_io.py): torch's argmax reduces a row in one block,
+    28 us over a 128k vocabulary at batch 1 on an H100."""
+    backend = "triton" if x.is_cuda and "triton" in kernels.backends("argmax") else "torch"
+    return kernels.get("argmax", backend)(x, out_host)
 
 
 def reads_history(params: SamplingParams) -> bool:

@@ -39,6 +39,33 @@ _NUMPY = {
 }
 
 
+def _pack(
+    parts: Sequence[tuple[Sequence[int] | Sequence[float] | np.ndarray, torch.dtype]],
+) -> tuple[list[np.ndarray], list[int], int]:
+    """The parts as numpy arrays, their byte offsets in one buffer (16-byte aligned) and its
+    size. 16 bytes: Triton specializes kernels on 16-byte aligned pointers, and a part that
+    were not would compile another variant mid-step."""
+    arrays = [np.array(values, dtype=_NUMPY[dtype]) for values, dtype in parts]
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 16) * 16
+    return arrays, offsets, max(total, 16)
+
+
+def _fill(
+    buf: torch.Tensor, arrays: list[np.ndarray], offsets: list[int], dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
+    """Write the arrays into the byte buffer ``buf`` (host) and return typed views of ``buf``."""
+    raw = buf.numpy()
+    for a, off in zip(arrays, offsets):
+        raw[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
+    return [
+        buf[off : off + a.nbytes].view(dtype).view(a.shape)
+        for a, off, dtype in zip(arrays, offsets, dtypes)
+    ]
+
+
 def to_device_packed(
     parts: Sequence[tuple[Sequence[int] | Sequence[float] | np.ndarray, torch.dtype]],
     device: torch.device,
@@ -46,24 +73,56 @@ def to_device_packed(
     """Several host arrays (``(values, dtype)``, any shape) on ``device`` with one copy: packed
     into one pinned byte buffer, each part at a 16-byte aligned offset, and returned as typed
     views of the device buffer. A step's inputs take one transfer instead of one each (each
-    small copy costs the stream a few microseconds). 16 bytes: Triton specializes kernels on
-    16-byte aligned pointers, and a part that were not would compile another variant mid-step."""
-    arrays = [np.array(values, dtype=_NUMPY[dtype]) for values, dtype in parts]
+    small copy costs the stream a few microseconds)."""
+    arrays, offsets, total = _pack(parts)
     if device.type != "cuda":
         return [torch.from_numpy(a) for a in arrays]
-    offsets, total = [], 0
-    for a in arrays:
-        offsets.append(total)
-        total += -(-a.nbytes // 16) * 16
-    host = torch.empty(max(total, 16), dtype=torch.uint8, pin_memory=True)
-    buf = host.numpy()
-    for a, off in zip(arrays, offsets):
-        buf[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    _fill(host, arrays, offsets, [dtype for _, dtype in parts])
     dev = host.to(device, non_blocking=True)
     return [
         dev[off : off + a.nbytes].view(dtype).view(a.shape)
         for a, off, (_, dtype) in zip(arrays, offsets, parts)
     ]
+
+
+class PinnedStaging:
+    """Host arrays that device kernels read in place (pinned memory is device-accessible under
+    unified addressing): no copy, and no turn of the copy engine on the stream.
+
+    A ring of pinned buffers: ``stage`` fills the next one, and ``queued`` records an event once
+    the kernels reading it are queued; a buffer is refilled only after its event has completed
+    (``slots`` steps later, long done unless the host runs that far ahead). Nothing else may
+    write a staged buffer. On a CPU device the arrays are returned as host tensors."""
+
+    def __init__(self, device: torch.device, slots: int = 4) -> None:
+        self.device = device
+        self._bufs: list[torch.Tensor | None] = [None] * slots
+        self._events = [torch.cuda.Event() for _ in range(slots)] if device.type == "cuda" else []
+        self._recorded = [False] * slots
+        self._i = 0
+
+    def stage(
+        self, parts: Sequence[tuple[Sequence[int] | Sequence[float] | np.ndarray, torch.dtype]]
+    ) -> list[torch.Tensor]:
+        arrays, offsets, total = _pack(parts)
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a) for a in arrays]
+        self._i = (self._i + 1) % len(self._bufs)
+        if self._recorded[self._i]:
+            self._events[self._i].synchronize()  # its last readers have run
+            self._recorded[self._i] = False
+        buf = self._bufs[self._i]
+        if buf is None or buf.numel() < total:
+            buf = torch.empty(max(total, 4096), dtype=torch.uint8, pin_memory=True)
+            self._bufs[self._i] = buf
+        return _fill(buf, arrays, offsets, [dtype for _, dtype in parts])
+
+    def queued(self) -> None:
+        """The kernels reading the arrays of the last ``stage`` are queued on the stream."""
+        if self.device.type == "cuda":
+            self._events[self._i].record()
+            self._recorded[self._i] = True
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:

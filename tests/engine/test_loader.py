@@ -82,7 +82,7 @@ def test_half_precision_checkpoints_keep_their_dtype(tmp_path: Path, dtype: str)
     state.kv_caches = [(k.to(torch_dtype), v.to(torch_dtype)) for k, v in state.kv_caches]
     batch, positions = state.batch([len(ids)], [len(ids)])
     with torch.no_grad():
-        ours = model.compute_logits(model(ids, positions, batch))
+        ours = model.compute_logits(model(ids, positions, batch)).float()
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         ref = hf(ids[None]).logits[0].float()
     # The reference attention keeps softmax @ V in float32 where transformers rounds to half

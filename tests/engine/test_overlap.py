@@ -62,6 +62,28 @@ def test_overlap_equals_synchronous_steps(model_dir: Path) -> None:
     assert _run(over, work) == expected
 
 
+def test_overlap_through_graph_inputs_equals_synchronous_steps(model_dir: Path) -> None:
+    """Decode steps that replay a graph are staged into its static inputs by one kernel, which
+    takes the ids still on the device from the previous step (graphs emulated eagerly on CPU)."""
+    sync = _engine(model_dir, overlap=False)
+    work = _mixed_workload(eos=min(sync.eos_token_ids) if sync.eos_token_ids else 0)
+    expected = _run(sync, work)
+    over = _engine(model_dir, overlap=True)
+    max_len = over.max_model_len
+    over.runner.enable_cuda_graphs([1, 2, 4, 8], -(-max_len // 4) + 1, max_len, emulate=True)
+    graphs = over.runner.graphs
+    assert graphs is not None
+    stage, filled = graphs.stage, []
+
+    def counted(src, q, fill=None, prev=None):
+        filled.append(fill is not None and bool((fill >= 0).any()))
+        return stage(src, q, fill, prev)
+
+    graphs.stage = counted  # type: ignore[method-assign]
+    assert _run(over, work) == expected
+    assert sum(filled) >= 10  # graph steps whose ids came from the step before, on the device
+
+
 def test_overlap_with_preemption_equals_synchronous_steps(model_dir: Path) -> None:
     # 24 usable blocks of 4 tokens: seven requests growing to ~40 tokens must preempt.
     work = [

@@ -400,14 +400,15 @@ def test_cuda_matches_cpu_where_deterministic() -> None:
 
 @pytest.mark.parametrize("vocab", [128256, 151936, 32000, 50257, 1000])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
-def test_two_stage_argmax_is_argmax(vocab: int, rows: int) -> None:
-    """Greedy's argmax over few rows runs in two stages; it picks the index torch.argmax picks,
-    ties (the first) and NaN (ranked highest) included, on CPU and, where present, CUDA."""
+def test_argmax_rows_is_argmax(vocab: int, rows: int) -> None:
+    """Greedy's argmax (on CUDA a Triton kernel reducing each row in blocks) picks the index
+    torch.argmax picks, ties (the first) and NaN (ranked highest) included, on CPU and, where
+    present, CUDA."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     g = torch.Generator().manual_seed(vocab + rows)
     x = torch.randn(rows, vocab, generator=g)
     tied = torch.zeros(rows, vocab)
-    tied[:, [7, vocab // 2, vocab - 5]] = 1.0  # the same max in three chunks
+    tied[:, [7, vocab // 2, vocab - 5]] = 1.0  # the same max in three blocks
     nan = x.clone()
     nan[:, [vocab // 3, vocab // 2]] = float("nan")
     for dev in devices:

@@ -39,7 +39,7 @@ def rayfleet_logits_fn(model: torch.nn.Module, device: torch.device, backend: st
         batch = ForwardBatch(meta=meta, kv_caches=caches, attention=attention, write_kv=write_kv)
         positions = torch.arange(t, device=device).repeat(b)
         hidden = model(ids.reshape(-1).to(device), positions, batch)
-        return model.compute_logits(hidden).view(b, t, -1)
+        return model.compute_logits(hidden).float().view(b, t, -1)
 
     return fn
 

@@ -187,7 +187,8 @@ class LlamaForCausalLM(nn.Module):
     """A causal LM over the paged KV cache.
 
     ``forward(input_ids [T], positions [T], batch) -> hidden [T, hidden]`` for the concatenated new
-    tokens of all requests; ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` in float32.
+    tokens of all requests; ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` in the model's
+    dtype (greedy argmax reads them as they are; whatever computes with them upcasts to float32).
     ``max_positions`` sizes the RoPE table (default: the checkpoint's max_position_embeddings).
     """
 
@@ -211,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -222,7 +222,7 @@ class DraftProposer:
                 assert steps is not None
                 pos, meta = steps.inputs(j)
                 hidden = self._run(drafts[:m, j - 1], pos, meta)  # feed d_j of the first m rows
-            logits = self.model.compute_logits(hidden)  # [m, V] float32
+            logits = self.model.compute_logits(hidden)  # [m, V] model dtype
             drafts[:m, j] = sampling.sample(logits, j)
             timer.mark()
         # The proposal's one synchronization (unless penalties needed the history each forward).
@@ -348,7 +348,7 @@ class _DraftSampling:
         if self.history is not None:
             history = self.history
             x = Sampler.apply_penalties(
-                logits,
+                logits.float(),
                 [
                     SamplerRow(
                         params=r.params,
@@ -363,7 +363,7 @@ class _DraftSampling:
                 ],
             )
         else:
-            x = logits  # fresh from compute_logits: masked in place
+            x = logits  # fresh from compute_logits: masked in place (model dtype)
             mask_min_tokens(x, ((r.params, len(r.output_token_ids) + j, eos) for r in drafting))
         sampled = [i for i in self.sampled if i < m]
         if not sampled:

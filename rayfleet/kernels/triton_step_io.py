@@ -1,0 +1,227 @@
+"""Kernels at a decode step's two edges: the greedy tokens out of the logits, and the step's inputs
+into the CUDA graph's static buffers.
+
+Between two replays of a batch-1 decode graph the stream used to run about fifteen small ops: the
+logits' float cast, a five-kernel two-stage argmax, the ids' device-to-host copy, the inputs'
+host-to-device copy, two index kernels for the ids still on the device and five buffer copies
+(H100: about 70 us of a 5.5 ms step, the copy engine's two turns alone about 17 us). Here that is
+three kernels:
+
+- ``argmax``: the first index of each row's maximum (NaN ranked highest, as ``torch.argmax``) in two
+  launches: every program reduces one ``BLOCK`` of a row to (max, first index), then one program per
+  row picks the first best block. With ``out_host`` (a pinned host tensor) the ids are also stored
+  straight into host memory, so no copy follows.
+- ``stage_step_inputs``: one program per request slot of the padded batch copies its token rows
+  (ids, positions, KV slots), context length and block-table row from wherever the host staged them
+  (pinned host memory, read by the kernel directly) into the graph's buffers, replacing an id with
+  the previous step's sampled token where the step says so, and writes the padding slots' rows.
+
+Pinned host pointers are device-accessible under unified addressing; a kernel that reads or writes
+one must finish before the host reuses or reads that memory (``transfer.PinnedStaging``, events).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rayfleet.kernels import register
+from rayfleet.kernels.ops_ref import check_stage
+from rayfleet.kernels.triton_ops import pdl_enter, pdl_launch
+
+ARGMAX_BLOCK = 4096
+
+
+@triton.jit
+def _first_max(vals, idx, BIG: tl.constexpr):
+    """(value, index) of the first maximum of ``vals`` at indices ``idx`` (ascending), NaN ranked
+    above everything (the first NaN wins)."""
+    isnan = vals != vals
+    any_nan = tl.max(isnan.to(tl.int32), 0) > 0
+    clean = tl.where(isnan, float("-inf"), vals)
+    best = tl.max(clean, 0)
+    at_best = tl.min(tl.where(clean == best, idx, BIG), 0)
+    at_nan = tl.min(tl.where(isnan, idx, BIG), 0)
+    return tl.where(any_nan, float("nan"), best), tl.where(any_nan, at_nan, at_best)
+
+
+@triton.jit
+def _argmax_blocks_kernel(
+    x_ptr,  # [N, V]
+    val_ptr,  # [N, S] fp32: each block's max (NaN if it holds one)
+    idx_ptr,  # [N, S] int32: its first index in the row
+    V,
+    stride_x,
+    S,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    pdl_enter(PDL)
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=cols < V, other=float("-inf"))
+    # (padding lanes: -inf at indices past every real one, so a row of -inf still picks its first)
+    best, at = _first_max(x.to(tl.float32), cols, 2147483647)
+    tl.store(val_ptr + row * S + blk, best)
+    tl.store(idx_ptr + row * S + blk, at)
+
+
+@triton.jit
+def _argmax_pick_kernel(
+    val_ptr,  # [N, S]
+    idx_ptr,  # [N, S]
+    out_ptr,  # [N] int64
+    host_ptr,  # [N] int64 pinned host memory (HOST)
+    S,
+    SB: tl.constexpr,
+    HOST: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pdl_enter(PDL)
+    s = tl.arange(0, SB)
+    vals = tl.load(val_ptr + row * S + s, mask=s < S, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * S + s, mask=s < S, other=2147483647)
+    # blocks ascend with their indices: the first best block holds the row's first best index
+    _, at = _first_max(vals, idx, 2147483647)
+    tok = at.to(tl.int64)
+    tl.store(out_ptr + row, tok)
+    if HOST:
+        tl.store(host_ptr + row, tok)
+
+
+@register("argmax", "triton", priority=0)
+def argmax(
+    x: torch.Tensor,  # [N, V] any float dtype
+    out_host: torch.Tensor | None = None,  # [N] int64, pinned host memory on CUDA
+) -> torch.Tensor:  # [N] int64 on x's device
+    """``ops_ref.argmax``: the first index of each row's maximum, NaN ranked highest."""
+    n, v = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    s = triton.cdiv(v, ARGMAX_BLOCK)
+    vals = torch.empty(n, s, dtype=torch.float32, device=x.device)
+    idx = torch.empty(n, s, dtype=torch.int32, device=x.device)
+    out = torch.empty(n, dtype=torch.int64, device=x.device)
+    pdl = pdl_launch(x.device)
+    _argmax_blocks_kernel[(n, s)](
+        x, vals, idx, v, x.stride(0), s, BLOCK=ARGMAX_BLOCK, num_warps=8, **pdl
+    )
+    if out_host is not None and out_host.shape != (n,):
+        raise ValueError(f"out_host must be [{n}], got {tuple(out_host.shape)}")
+    _argmax_pick_kernel[(n,)](
+        vals,
+        idx,
+        out,
+        out_host if out_host is not None else out,
+        s,
+        SB=triton.next_power_of_2(s),
+        HOST=out_host is not None,
+        num_warps=1,
+        **pdl,
+    )
+    return out
+
+
+@triton.jit
+def _stage_kernel(
+    src_ids_ptr,  # [b*q] int64 (stride stride_src_ids), each source pinned host or device memory
+    src_pos_ptr,  # [b*q] int64
+    src_slots_ptr,  # [b*q] int64
+    src_lens_ptr,  # [b] int32
+    src_tables_ptr,  # [b, w] int32
+    fill_ptr,  # [b*q] int64: row of prev to take the id from, or -1 (FILL)
+    prev_ptr,  # [R] int64 device: the previous step's sampled ids (FILL)
+    ids_ptr,  # [>= size*q] int64, the graph's static buffers
+    pos_ptr,
+    slots_ptr,
+    lens_ptr,  # [>= size] int32
+    tables_ptr,  # [>= size, W] int32
+    b,
+    q,
+    w,
+    stride_src_ids,
+    stride_src_tables,
+    stride_tables,
+    QB: tl.constexpr,
+    WB: tl.constexpr,
+    FILL: tl.constexpr,
+    EARLY: tl.constexpr,  # no kernel writes the sources: read them before waiting (PDL)
+    PDL: tl.constexpr,
+):
+    r = tl.program_id(0)
+    if not EARLY:
+        pdl_enter(PDL)  # the kernels before may still write the sources
+    real = r < b  # else a padding request: q rows of id 0 at position 0 into slot 0, context q
+    j = tl.arange(0, QB)
+    t = r * q + j
+    tm = j < q
+    lm = tm & (t < b * q)
+    w_real = tl.where(real, w, 0)  # table entries to copy
+    ids = tl.load(src_ids_ptr + t * stride_src_ids, mask=lm, other=0)
+    pos = tl.load(src_pos_ptr + t, mask=lm, other=0)
+    slots = tl.load(src_slots_ptr + t, mask=lm, other=0)
+    seq_len = tl.where(real, tl.load(src_lens_ptr + tl.minimum(r, b - 1)), q)  # (b >= 1)
+    cols = tl.arange(0, WB)
+    src_row = src_tables_ptr + r * stride_src_tables
+    row = tl.load(src_row + cols, mask=cols < w_real)
+    if FILL:
+        f = tl.load(fill_ptr + t, mask=lm, other=-1)
+    if EARLY:
+        pdl_enter(PDL)  # the previous replay reads the buffers written below, prev is new
+    if FILL:
+        prev = tl.load(prev_ptr + tl.maximum(f, 0), mask=f >= 0, other=0)
+        ids = tl.where(f >= 0, prev, ids)
+    tl.store(ids_ptr + t, ids, mask=tm)
+    tl.store(pos_ptr + t, pos, mask=tm)
+    tl.store(slots_ptr + t, slots, mask=tm)
+    tl.store(lens_ptr + r, seq_len)
+    dst_row = tables_ptr + r * stride_tables
+    tl.store(dst_row + cols, row, mask=cols < w_real)
+    for c in range(WB, w, WB):  # (padding requests keep their rows)
+        cm = c + cols < w_real
+        tl.store(dst_row + c + cols, tl.load(src_row + c + cols, mask=cm), mask=cm)
+
+
+@register("stage_step_inputs", "triton", priority=0)
+def stage_step_inputs(
+    src: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    dst: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    q: int,
+    size: int,
+    fill: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+) -> None:
+    """``ops_ref.stage_step_inputs``."""
+    b, w = check_stage(src, dst, q, size, fill, prev)
+    s_ids, s_pos, s_slots, s_lens = (src[0], *(t.contiguous() for t in src[1:4]))
+    s_tables = src[4]
+    ids, pos, slots, lens, tables = dst
+    _stage_kernel[(size,)](
+        s_ids,
+        s_pos,
+        s_slots,
+        s_lens,
+        s_tables,
+        fill if fill is not None else s_ids,
+        prev if prev is not None else ids,
+        ids,
+        pos,
+        slots,
+        lens,
+        tables,
+        b,
+        q,
+        w,
+        s_ids.stride(0),
+        s_tables.stride(0),
+        tables.stride(0),
+        QB=triton.next_power_of_2(q),
+        WB=min(1024, triton.next_power_of_2(max(w, 1))),
+        FILL=fill is not None,
+        EARLY=s_ids.device.type == "cpu" and ids.device.type == "cuda",
+        num_warps=1,
+        **pdl_launch(ids.device),
+    )

@@ -1,0 +1,128 @@
+"""The step-edge kernels (triton_step_io) against their torch references: greedy argmax and the
+staging of a step's inputs into a CUDA graph's static buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from rayfleet import kernels  # noqa: E402
+from rayfleet.kernels import ops_ref, triton_step_io  # noqa: E402
+from rayfleet.kernels.triton_step_io import ARGMAX_BLOCK  # noqa: E402
+
+
+@pytest.mark.parametrize("op", ["argmax", "stage_step_inputs"])
+def test_registered_beside_reference(op: str) -> None:
+    assert kernels.backends(op)[0] == "torch"
+    assert kernels.get(op, "triton") is getattr(triton_step_io, op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 7, ARGMAX_BLOCK, ARGMAX_BLOCK + 1, 3 * ARGMAX_BLOCK - 5])
+def test_argmax_matches_torch(
+    vocab: int, dtype: torch.dtype, gen: torch.Generator, device: str
+) -> None:
+    rows = 6
+    x = torch.randn(rows, vocab, generator=gen).to(dtype)
+    # ties across blocks (the first wins), a NaN behind a larger value, two NaNs, all -inf
+    hi = x.max().item() + 1
+    x[1, vocab - 1] = hi
+    x[1, vocab // 2] = hi
+    x[2, vocab - 1] = float("nan")
+    x[2, 0] = hi + 1
+    x[3, vocab // 3] = float("nan")
+    x[3, vocab - 1] = float("nan")
+    x[4] = float("-inf")
+    x[5, vocab - 1] = float("inf")
+    x = x.to(device)
+    want = x.argmax(dim=-1)
+    host = torch.full((rows,), -1, dtype=torch.int64)
+    if device == "cuda":
+        host = host.pin_memory()
+    got = triton_step_io.argmax(x, out_host=host)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert got.dtype == torch.int64 and got.tolist() == want.tolist()
+    assert host.tolist() == want.tolist()
+    assert triton_step_io.argmax(x).tolist() == want.tolist()
+    assert ops_ref.argmax(x).tolist() == want.tolist()
+
+
+def _stage_case(
+    gen: torch.Generator, device: str, b: int, q: int, size: int, w: int, fill: bool
+) -> tuple[tuple, tuple | None, torch.Tensor | None, torch.Tensor | None]:
+    n = b * q
+
+    def ints(hi: int, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.randint(1, hi, shape, generator=gen, dtype=dtype)
+
+    src = (
+        ints(1000, n),
+        ints(5000, n),
+        ints(9000, n),
+        ints(5000, b, dtype=torch.int32),
+        ints(300, b, w, dtype=torch.int32),
+    )
+    fill_t = prev = None
+    if fill:  # every other row takes a previous step's token
+        fill_t = torch.where(torch.arange(n) % 2 == 0, torch.randint(0, 4, (n,), generator=gen), -1)
+        prev = ints(1000, 4).to(device)
+    return src, None, fill_t, prev
+
+
+def _dst(device: str, size: int, q: int, width: int) -> tuple[torch.Tensor, ...]:
+    """Static buffers poisoned with -7, bigger than the step needs."""
+    toks = size * q + 3
+    return (
+        torch.full((toks,), -7, dtype=torch.int64, device=device),
+        torch.full((toks,), -7, dtype=torch.int64, device=device),
+        torch.full((toks,), -7, dtype=torch.int64, device=device),
+        torch.full((size + 2,), -7, dtype=torch.int32, device=device),
+        torch.full((size + 2, width), -7, dtype=torch.int32, device=device),
+    )
+
+
+@pytest.mark.parametrize(
+    ("b", "q", "size", "w", "fill"),
+    [(1, 1, 1, 1, True), (3, 1, 4, 5, True), (2, 3, 4, 17, False), (5, 4, 8, 1100, True)],
+)
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_stage_step_inputs_matches_reference(
+    b: int, q: int, size: int, w: int, fill: bool, where: str, gen: torch.Generator, device: str
+) -> None:
+    src, _, fill_t, prev = _stage_case(gen, device, b, q, size, w, fill)
+    if where == "device":  # (the draft's own steps: ids a column of its [rows, k] drafts)
+        src = (torch.stack([src[0] + 1, src[0], src[0] - 1], 1)[:, 1], *src[1:])
+        src = tuple(t.to(device) for t in src)
+        fill_t = fill_t.to(device) if fill_t is not None else None
+    elif device == "cuda":  # the runner stages from pinned host memory, which the kernel reads
+        src = tuple(t.pin_memory() for t in src)
+        fill_t = fill_t.pin_memory() if fill_t is not None else None
+    want, got = _dst(device, size, q, w + 9), _dst(device, size, q, w + 9)
+    ops_ref.stage_step_inputs(src, want, q, size, fill_t, prev)
+    triton_step_io.stage_step_inputs(src, got, q, size, fill_t, prev)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    n = b * q
+    ids = want[0][:n].cpu()
+    if fill_t is not None and prev is not None:
+        taken = fill_t >= 0
+        assert torch.equal(ids[taken.cpu()], prev.cpu()[fill_t.cpu()[taken.cpu()]])
+        assert torch.equal(ids[~taken.cpu()], src[0].cpu()[~taken.cpu()])
+    else:
+        assert torch.equal(ids, src[0].cpu())
+    # padding requests: null-block slots, position 0, context q; the rest untouched
+    assert want[2][n : size * q].eq(0).all() and want[1][n : size * q].eq(0).all()
+    assert want[3][b:size].eq(q).all() and want[3][size:].eq(-7).all()
+    assert want[4][:b, w:].eq(-7).all() and want[4][b:].eq(-7).all()
+    assert want[0][size * q :].eq(-7).all()
+
+
+def test_stage_step_inputs_rejects_a_step_that_does_not_fit(gen: torch.Generator) -> None:
+    src, _, _, _ = _stage_case(gen, "cpu", 3, 2, 4, 5, False)
+    with pytest.raises(ValueError, match="do not fit buffers of batch 2"):
+        triton_step_io.stage_step_inputs(src, _dst("cpu", 2, 2, 8), 2, 2)
+    with pytest.raises(ValueError, match="block tables of width 5"):
+        triton_step_io.stage_step_inputs(src, _dst("cpu", 4, 2, 4), 2, 4)
