@@ -22,6 +22,9 @@ one must finish before the host reuses or reads that memory (``transfer.PinnedSt
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +34,20 @@ from rayfleet.kernels.ops_ref import check_stage
 from rayfleet.kernels.triton_ops import pdl_enter, pdl_launch
 
 ARGMAX_BLOCK = 4096
+ARGMAX_PICK_BLOCKS = 64  # blocks the pick kernel's one variant takes: vocabularies to 262144
+STAGE_TOKENS = 16  # token rows per request a stage program covers (q above it: a power of two)
+STAGE_TABLE_BLOCK = 128  # block-table entries per stage program
+
+
+def _jit_one_variant(*names: str) -> Callable:
+    """``triton.jit`` that compiles one variant whatever the values of the args ``names``: Triton
+    otherwise specializes ints on == 1 and on divisibility by 16, and pointers on 16-byte
+    alignment. These vary from step to step (table widths, a column of the draft's ids), and a
+    variant first met while serving costs a compile (~0.5 s) inside a step."""
+    kw: dict = {"do_not_specialize": names}
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        kw["do_not_specialize_on_alignment"] = names
+    return triton.jit(**kw)
 
 
 @triton.jit
@@ -46,7 +63,7 @@ def _first_max(vals, idx, BIG: tl.constexpr):
     return tl.where(any_nan, float("nan"), best), tl.where(any_nan, at_nan, at_best)
 
 
-@triton.jit
+@_jit_one_variant("V", "stride_x", "S")
 def _argmax_blocks_kernel(
     x_ptr,  # [N, V]
     val_ptr,  # [N, S] fp32: each block's max (NaN if it holds one)
@@ -68,7 +85,7 @@ def _argmax_blocks_kernel(
     tl.store(idx_ptr + row * S + blk, at)
 
 
-@triton.jit
+@_jit_one_variant("out_ptr", "host_ptr", "S")
 def _argmax_pick_kernel(
     val_ptr,  # [N, S]
     idx_ptr,  # [N, S]
@@ -117,7 +134,7 @@ def argmax(
         out,
         out_host if out_host is not None else out,
         s,
-        SB=triton.next_power_of_2(s),
+        SB=max(ARGMAX_PICK_BLOCKS, triton.next_power_of_2(s)),
         HOST=out_host is not None,
         num_warps=1,
         **pdl,
@@ -125,7 +142,29 @@ def argmax(
     return out
 
 
-@triton.jit
+_STAGE_ARGS = [
+    "src_ids_ptr",
+    "src_pos_ptr",
+    "src_slots_ptr",
+    "src_lens_ptr",
+    "src_tables_ptr",
+    "fill_ptr",
+    "prev_ptr",
+    "ids_ptr",
+    "pos_ptr",
+    "slots_ptr",
+    "lens_ptr",
+    "tables_ptr",
+    "b",
+    "q",
+    "w",
+    "stride_src_ids",
+    "stride_src_tables",
+    "stride_tables",
+]
+
+
+@_jit_one_variant(*_STAGE_ARGS)
 def _stage_kernel(
     src_ids_ptr,  # [b*q] int64 (stride stride_src_ids), each source pinned host or device memory
     src_pos_ptr,  # [b*q] int64
@@ -152,21 +191,22 @@ def _stage_kernel(
     PDL: tl.constexpr,
 ):
     r = tl.program_id(0)
+    c = tl.program_id(1) * WB  # this program's block-table columns [c, c + WB); c = 0 also
+    # copies the request's token rows and context
     if not EARLY:
         pdl_enter(PDL)  # the kernels before may still write the sources
     real = r < b  # else a padding request: q rows of id 0 at position 0 into slot 0, context q
     j = tl.arange(0, QB)
     t = r * q + j
-    tm = j < q
+    tm = j < tl.where(c == 0, q, 0)
     lm = tm & (t < b * q)
-    w_real = tl.where(real, w, 0)  # table entries to copy
     ids = tl.load(src_ids_ptr + t * stride_src_ids, mask=lm, other=0)
     pos = tl.load(src_pos_ptr + t, mask=lm, other=0)
     slots = tl.load(src_slots_ptr + t, mask=lm, other=0)
     seq_len = tl.where(real, tl.load(src_lens_ptr + tl.minimum(r, b - 1)), q)  # (b >= 1)
-    cols = tl.arange(0, WB)
-    src_row = src_tables_ptr + r * stride_src_tables
-    row = tl.load(src_row + cols, mask=cols < w_real)
+    cols = c + tl.arange(0, WB)
+    cm = cols < tl.where(real, w, 0)  # (padding requests keep their table rows)
+    row = tl.load(src_tables_ptr + r * stride_src_tables + cols, mask=cm)
     if FILL:
         f = tl.load(fill_ptr + t, mask=lm, other=-1)
     if EARLY:
@@ -177,12 +217,9 @@ def _stage_kernel(
     tl.store(ids_ptr + t, ids, mask=tm)
     tl.store(pos_ptr + t, pos, mask=tm)
     tl.store(slots_ptr + t, slots, mask=tm)
-    tl.store(lens_ptr + r, seq_len)
-    dst_row = tables_ptr + r * stride_tables
-    tl.store(dst_row + cols, row, mask=cols < w_real)
-    for c in range(WB, w, WB):  # (padding requests keep their rows)
-        cm = c + cols < w_real
-        tl.store(dst_row + c + cols, tl.load(src_row + c + cols, mask=cm), mask=cm)
+    if c == 0:
+        tl.store(lens_ptr + r, seq_len)
+    tl.store(tables_ptr + r * stride_tables + cols, row, mask=cm)
 
 
 @register("stage_step_inputs", "triton", priority=0)
@@ -199,7 +236,7 @@ def stage_step_inputs(
     s_ids, s_pos, s_slots, s_lens = (src[0], *(t.contiguous() for t in src[1:4]))
     s_tables = src[4]
     ids, pos, slots, lens, tables = dst
-    _stage_kernel[(size,)](
+    _stage_kernel[(size, triton.cdiv(max(w, 1), STAGE_TABLE_BLOCK))](
         s_ids,
         s_pos,
         s_slots,
@@ -218,10 +255,48 @@ def stage_step_inputs(
         s_ids.stride(0),
         s_tables.stride(0),
         tables.stride(0),
-        QB=triton.next_power_of_2(q),
-        WB=min(1024, triton.next_power_of_2(max(w, 1))),
+        QB=max(STAGE_TOKENS, triton.next_power_of_2(q)),
+        WB=STAGE_TABLE_BLOCK,
         FILL=fill is not None,
         EARLY=s_ids.device.type == "cpu" and ids.device.type == "cuda",
         num_warps=1,
         **pdl_launch(ids.device),
     )
+
+
+@register("step_io_warm_up", "triton")
+def warm_up(model_dtype: torch.dtype, device: torch.device) -> int:
+    """Compile every variant the step's edges select (argmax over model-dtype and float32
+    logits, with and without the host copy; staging from the host and from the device, with and
+    without ids from the previous step) on tiny inputs. Returns the number of launches."""
+    launches = 0
+    for dtype in {model_dtype, torch.float32}:
+        x = torch.zeros(2, 40, dtype=dtype, device=device)
+        for host in (None, torch.empty(2, dtype=torch.int64, pin_memory=device.type == "cuda")):
+            argmax(x, host)
+            launches += 1
+
+    def buffers(reqs: int, width: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, slots, seq_lens, tables) of ``reqs`` requests, one token each."""
+        toks = [torch.zeros(reqs, dtype=torch.int64, device=dev) for _ in range(3)]
+        lens = torch.ones(reqs, dtype=torch.int32, device=dev)
+        return (*toks, lens, torch.zeros(reqs, width, dtype=torch.int32, device=dev))
+
+    dst = buffers(4, 4, device)
+    prev = torch.zeros(2, dtype=torch.int64, device=device)
+    for where in ("host", "device"):
+        pin = where == "host" and device.type == "cuda"
+        dev = torch.device("cpu") if where == "host" else device
+        src = buffers(2, 3, dev)
+        fill = torch.full((2,), -1, dtype=torch.int64, device=dev)
+        if pin:
+            src = tuple(t.pin_memory() for t in src)
+            fill = fill.pin_memory()
+        for with_fill in (False, True):
+            stage_step_inputs(
+                src, dst, 1, 4, fill if with_fill else None, prev if with_fill else None
+            )
+            launches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launches

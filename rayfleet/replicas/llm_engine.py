@@ -251,6 +251,10 @@ class Engine:
         if warm_up is not None and self.device.type == "cuda":
             archs = [self.model.arch] + ([proposer.arch] if proposer else [])
             self._warm_up_attention(warm_up, archs)
+        if self.device.type == "cuda" and "triton" in kernels.backends("step_io_warm_up"):
+            # the greedy argmax and the graphs' input staging (CUDA takes Triton's whatever
+            # the attention backend)
+            kernels.get("step_io_warm_up", "triton")(self.dtype, self.device)
         if self._cuda_graphs_usable():
             self._capture_target_graphs(num_spec)
             if proposer is not None:

@@ -126,3 +126,51 @@ def test_stage_step_inputs_rejects_a_step_that_does_not_fit(gen: torch.Generator
         triton_step_io.stage_step_inputs(src, _dst("cpu", 2, 2, 8), 2, 2)
     with pytest.raises(ValueError, match="block tables of width 5"):
         triton_step_io.stage_step_inputs(src, _dst("cpu", 4, 2, 4), 2, 4)
+
+
+def _compiled_variants() -> int:
+    """Kernels compiled so far for the step-edge kernels (all devices)."""
+    return sum(
+        len(caches[0])
+        for kernel in (
+            triton_step_io._stage_kernel,
+            triton_step_io._argmax_blocks_kernel,
+            triton_step_io._argmax_pick_kernel,
+        )
+        for caches in kernel.device_caches.values()
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_warm_up_leaves_nothing_to_compile_while_serving(gen: torch.Generator) -> None:
+    """After warm_up, steps of any batch, query length, table width and source (pinned host
+    memory, or the draft's ids: a column of its [rows, k] drafts, at any alignment) reuse the
+    compiled kernels: no compile stalls a step mid-serving."""
+    triton_step_io.warm_up(torch.bfloat16, torch.device("cuda"))
+    before = _compiled_variants()
+    for b, q, w, col in [
+        (1, 1, 1, 0),
+        (3, 5, 17, 1),
+        (8, 9, 300, 2),
+        (64, 1, 16, 3),
+        (2, 2, 32, 1),
+    ]:
+        src, _, fill_t, prev = _stage_case(gen, "cuda", b, q, 2 * b, w, fill=True)
+        host = tuple(t.pin_memory() for t in src)
+        ids_col = torch.stack([src[0]] * 4, 1)[:, col].cuda()
+        dev = (ids_col, *(t.cuda() for t in src[1:]))
+        for s, f in ((host, fill_t.pin_memory()), (dev, None)):
+            dst = _dst("cuda", 2 * b, q, w + 3)
+            triton_step_io.stage_step_inputs(s, dst, q, 2 * b, f, prev if f is not None else None)
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(b, 128256, generator=gen).to("cuda", dtype)
+            triton_step_io.argmax(x, torch.empty(b, dtype=torch.int64).pin_memory())
+            triton_step_io.argmax(x[:, : 128256 - col])
+    torch.cuda.synchronize()
+    assert _compiled_variants() == before
+
+
+def test_warm_up_runs_every_variant(device: str) -> None:
+    # 2 logit dtypes (bf16 and float32) x with/without the host copy; host/device sources x fill
+    assert triton_step_io.warm_up(torch.bfloat16, torch.device(device)) == 8
