@@ -216,8 +216,10 @@ class ModelRunner:
         # of each sampling request in it, for the next step's inputs (see launch).
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[str, tuple[_RunnerRequest, int]] = {}
-        # Inputs of steps staged into the graphs, read by the staging kernel in pinned memory.
+        # Inputs of steps staged into the graphs, read by the staging kernel in pinned memory;
+        # and the ids of launched steps, stored there by the sampler.
         self._staging = PinnedStaging(device)
+        self._token_out = PinnedStaging(device)
 
     # ---- KV cache ------------------------------------------------------------------------------
     @property
@@ -589,8 +591,9 @@ class ModelRunner:
         rows = [self._sampler_row(st) for _, st in states]
         host = None
         if self.device.type == "cuda":  # (the sampler stores the ids there too, in stream order)
-            host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+            host = self._token_out.take(8 * len(rows))[: 8 * len(rows)].view(torch.int64)
         tokens = self.sampler.sample_on_device(logits, rows, host)  # [R] int64
+        self._token_out.queued()
         if timing is not None:
             timing[2].record()
         elif timed and tokens.device.type != "cuda":

@@ -87,13 +87,15 @@ def to_device_packed(
 
 
 class PinnedStaging:
-    """Host arrays that device kernels read in place (pinned memory is device-accessible under
-    unified addressing): no copy, and no turn of the copy engine on the stream.
+    """Pinned host buffers that device kernels read or write in place (pinned memory is
+    device-accessible under unified addressing): no copy, and no turn of the copy engine on the
+    stream.
 
-    A ring of pinned buffers: ``stage`` fills the next one, and ``queued`` records an event once
-    the kernels reading it are queued; a buffer is refilled only after its event has completed
-    (``slots`` steps later, long done unless the host runs that far ahead). Nothing else may
-    write a staged buffer. On a CPU device the arrays are returned as host tensors."""
+    A ring: ``take`` hands out the next buffer and ``queued`` records an event once the kernels
+    using it are queued; a buffer is handed out again only after its event has completed
+    (``slots`` takes later, long done unless the host runs that far ahead), so no kernel still
+    touches it and nothing returns it to torch's allocator meanwhile. On a CPU device the
+    buffers are plain host tensors."""
 
     def __init__(self, device: torch.device, slots: int = 4) -> None:
         self.device = device
@@ -102,24 +104,30 @@ class PinnedStaging:
         self._recorded = [False] * slots
         self._i = 0
 
+    def take(self, nbytes: int) -> torch.Tensor:  # [>= nbytes] uint8
+        if self.device.type != "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8)
+        self._i = (self._i + 1) % len(self._bufs)
+        if self._recorded[self._i]:
+            self._events[self._i].synchronize()  # the kernels that used it have run
+            self._recorded[self._i] = False
+        buf = self._bufs[self._i]
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 4096), dtype=torch.uint8, pin_memory=True)
+            self._bufs[self._i] = buf
+        return buf
+
     def stage(
         self, parts: Sequence[tuple[Sequence[int] | Sequence[float] | np.ndarray, torch.dtype]]
     ) -> list[torch.Tensor]:
+        """The host arrays ``(values, dtype)`` in the next buffer, as typed views."""
         arrays, offsets, total = _pack(parts)
         if self.device.type != "cuda":
             return [torch.from_numpy(a) for a in arrays]
-        self._i = (self._i + 1) % len(self._bufs)
-        if self._recorded[self._i]:
-            self._events[self._i].synchronize()  # its last readers have run
-            self._recorded[self._i] = False
-        buf = self._bufs[self._i]
-        if buf is None or buf.numel() < total:
-            buf = torch.empty(max(total, 4096), dtype=torch.uint8, pin_memory=True)
-            self._bufs[self._i] = buf
-        return _fill(buf, arrays, offsets, [dtype for _, dtype in parts])
+        return _fill(self.take(total), arrays, offsets, [dtype for _, dtype in parts])
 
     def queued(self) -> None:
-        """The kernels reading the arrays of the last ``stage`` are queued on the stream."""
+        """The kernels using the last buffer taken are queued on the stream."""
         if self.device.type == "cuda":
             self._events[self._i].record()
             self._recorded[self._i] = True

@@ -1,4 +1,5 @@
-"""A step's host inputs reach the device in one packed copy, each part with its dtype and shape."""
+"""A step's host inputs reach the device in one packed copy, each part with its dtype and shape;
+or stay in pinned host buffers that the device reads in place (PinnedStaging)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayfleet.replicas.transfer import to_device_packed
+from rayfleet.replicas.transfer import PinnedStaging, to_device_packed
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -42,3 +43,22 @@ def test_parts_are_independent_tensors_in_place(device: str) -> None:
     )
     ids[torch.tensor([2], device=device)] = torch.tensor([42], device=device)
     assert ids.cpu().tolist() == [1, 2, 42] and positions.cpu().tolist() == [10, 11, 12]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_staged_parts_are_pinned_views_reused_only_after_their_readers(device: str) -> None:
+    ring = PinnedStaging(torch.device(device), slots=2)
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    ids, tab = ring.stage([([4, 5], torch.int64), (table, torch.int32)])
+    assert ids.tolist() == [4, 5] and tab.tolist() == table.tolist()
+    assert ids.device.type == "cpu" and ids.is_pinned() == (device == "cuda")
+    assert tab.data_ptr() % 16 == 0
+    if device == "cuda":
+        dev = torch.zeros(2, dtype=torch.int64, device=device)
+        torch.cuda._sleep(50_000_000)  # a long kernel ahead of the reader (~tens of ms)
+        dev.copy_(ids, non_blocking=True)  # the reader
+        ring.queued()
+        ring.stage([([1, 2], torch.int64)])  # the other slot: no wait
+        ring.queued()
+        ring.stage([([7, 8], torch.int64)])  # the first slot again: waits for its reader
+        assert dev.tolist() == [4, 5]  # which read the values staged for it
