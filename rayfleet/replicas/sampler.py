@@ -160,15 +160,15 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows) if r.params.temperature >= MIN_TEMPERATURE]
         if greedy:
             idx = _index(greedy, x.device)
-            token_ids[idx] = x[idx].argmax(dim=-1)
+            token_ids[idx] = argmax_rows(x[idx])
         if len(sampled) == len(rows):
             probs = self.sampling_probs(x, rows)
-            return (probs / self._exponentials(rows, probs)).argmax(dim=-1)
+            return argmax_rows(probs / self._exponentials(rows, probs))
         idx = _index(sampled, x.device)
         sub_rows = [rows[i] for i in sampled]
         probs = self.sampling_probs(x[idx], sub_rows)
         race = probs / self._exponentials(sub_rows, probs)
-        token_ids[idx] = race.argmax(dim=-1)
+        token_ids[idx] = argmax_rows(race)
         return token_ids
 
     @staticmethod

@@ -43,6 +43,7 @@ from rayfleet.replicas.sampler import (
     MIN_TEMPERATURE,
     Sampler,
     SamplerRow,
+    argmax_rows,
     mask_min_tokens,
     reads_history,
 )
@@ -367,7 +368,7 @@ class _DraftSampling:
             mask_min_tokens(x, ((r.params, len(r.output_token_ids) + j, eos) for r in drafting))
         sampled = [i for i in self.sampled if i < m]
         if not sampled:
-            tokens = x.argmax(dim=-1)
+            tokens = argmax_rows(x)
         else:
             tokens_s, probs = self._race(x, sampled, j)
             self.prob_chunks.append((probs, sampled))
@@ -376,7 +377,7 @@ class _DraftSampling:
             else:
                 g = index_tensor([i for i in self.greedy if i < m], dev)
                 tokens = torch.empty(m, dtype=torch.long, device=dev)
-                tokens[g] = x[g].argmax(dim=-1)
+                tokens[g] = argmax_rows(x[g])
                 tokens[index_tensor(sampled, dev)] = tokens_s
         if self.history is not None:
             for h, t in zip(self.history, tokens.tolist()):
@@ -407,7 +408,7 @@ class _DraftSampling:
                     p._row_gen.manual_seed(stream_seed(seed, o, DRAFT_STREAM))
                     e[n].exponential_(generator=p._row_gen)
         e.clamp_(min=torch.finfo(e.dtype).tiny)
-        return (probs / e).argmax(dim=-1), probs
+        return argmax_rows(probs / e), probs
 
     def probs(
         self, drafting: list[DraftRequest]

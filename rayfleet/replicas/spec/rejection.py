@@ -42,6 +42,7 @@ from rayfleet.replicas.sampler import (
     MIN_TEMPERATURE,
     Sampler,
     SamplerRow,
+    argmax_rows,
     reads_history,
     step_seed,
 )
@@ -169,10 +170,10 @@ class RejectionSampler:
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
         if greedy:
             if len(greedy) == len(rows):
-                best = x.argmax(dim=-1).tolist()
+                best = argmax_rows(x).tolist()
             else:
                 idx = [offsets[i] + j for i in greedy for j in range(ks[i] + 1)]
-                best = x[_index(idx, device)].argmax(dim=-1).tolist()
+                best = argmax_rows(x[_index(idx, device)]).tolist()
             pos = 0
             for i in greedy:
                 drafts = rows[i].draft_token_ids
@@ -256,7 +257,7 @@ class RejectionSampler:
         residual = torch.where(empty, p_fin, residual)
         # Exponential race picks index y with probability residual[y] / sum(residual).
         e = self._exponentials(rows, sampled, num_accepted, residual)
-        chosen = (residual / e).argmax(dim=-1).tolist()
+        chosen = argmax_rows(residual / e).tolist()
         for s, i in enumerate(sampled):
             token_ids[i] = token_ids[i] + [chosen[s]]
 
