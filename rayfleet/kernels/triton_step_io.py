@@ -265,38 +265,43 @@ def stage_step_inputs(
 
 
 @register("step_io_warm_up", "triton")
-def warm_up(model_dtype: torch.dtype, device: torch.device) -> int:
+def warm_up(
+    model_dtype: torch.dtype, device: torch.device, vocab_size: int = 40, max_query_len: int = 1
+) -> int:
     """Compile every variant the step's edges select (argmax over model-dtype and float32
-    logits, with and without the host copy; staging from the host and from the device, with and
-    without ids from the previous step) on tiny inputs. Returns the number of launches."""
+    logits of ``vocab_size`` columns, with and without the host copy; staging from the host and
+    from the device, with and without ids from the previous step, for up to ``max_query_len``
+    tokens per request) on tiny inputs. Returns the number of launches."""
     launches = 0
     for dtype in {model_dtype, torch.float32}:
-        x = torch.zeros(2, 40, dtype=dtype, device=device)
+        x = torch.zeros(2, vocab_size, dtype=dtype, device=device)
         for host in (None, torch.empty(2, dtype=torch.int64, pin_memory=device.type == "cuda")):
             argmax(x, host)
             launches += 1
 
-    def buffers(reqs: int, width: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
-        """(ids, positions, slots, seq_lens, tables) of ``reqs`` requests, one token each."""
-        toks = [torch.zeros(reqs, dtype=torch.int64, device=dev) for _ in range(3)]
-        lens = torch.ones(reqs, dtype=torch.int32, device=dev)
+    def buffers(reqs: int, q: int, width: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, slots, seq_lens, tables) of ``reqs`` requests, q tokens each."""
+        toks = [torch.zeros(reqs * q, dtype=torch.int64, device=dev) for _ in range(3)]
+        lens = torch.full((reqs,), q, dtype=torch.int32, device=dev)
         return (*toks, lens, torch.zeros(reqs, width, dtype=torch.int32, device=dev))
 
-    dst = buffers(4, 4, device)
     prev = torch.zeros(2, dtype=torch.int64, device=device)
-    for where in ("host", "device"):
-        pin = where == "host" and device.type == "cuda"
-        dev = torch.device("cpu") if where == "host" else device
-        src = buffers(2, 3, dev)
-        fill = torch.full((2,), -1, dtype=torch.int64, device=dev)
-        if pin:
-            src = tuple(t.pin_memory() for t in src)
-            fill = fill.pin_memory()
-        for with_fill in (False, True):
-            stage_step_inputs(
-                src, dst, 1, 4, fill if with_fill else None, prev if with_fill else None
-            )
-            launches += 1
+    # query lengths that select different token tiles (QB)
+    tiles = {max(STAGE_TOKENS, triton.next_power_of_2(q)): q for q in range(1, max_query_len + 1)}
+    for q in tiles.values():
+        dst = buffers(4, q, 4, device)
+        for where in ("host", "device"):
+            pin = where == "host" and device.type == "cuda"
+            dev = torch.device("cpu") if where == "host" else device
+            src = buffers(2, q, 3, dev)
+            fill = torch.full((2 * q,), -1, dtype=torch.int64, device=dev)
+            if pin:
+                src = tuple(t.pin_memory() for t in src)
+                fill = fill.pin_memory()
+            for with_fill in (False, True):
+                f, p = (fill, prev) if with_fill else (None, None)
+                stage_step_inputs(src, dst, q, 4, f, p)
+                launches += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return launches

@@ -254,7 +254,9 @@ class Engine:
         if self.device.type == "cuda" and "triton" in kernels.backends("step_io_warm_up"):
             # the greedy argmax and the graphs' input staging (CUDA takes Triton's whatever
             # the attention backend)
-            kernels.get("step_io_warm_up", "triton")(self.dtype, self.device)
+            kernels.get("step_io_warm_up", "triton")(
+                self.dtype, self.device, self.model.arch.vocab_size, num_spec + 1
+            )
         if self._cuda_graphs_usable():
             self._capture_target_graphs(num_spec)
             if proposer is not None:

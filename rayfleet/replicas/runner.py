@@ -438,6 +438,7 @@ class ModelRunner:
             and num_tokens == b * q
             and self.graphs.fits(b, q, num_tokens, max(map(len, tables)), max(seq_lens))
         ):
+            assert self._prev_tokens is not None or not fill_dst
             fill = np.full(num_tokens, -1, dtype=np.int64)
             fill[fill_dst] = fill_src
             width = max(map(len, tables))

@@ -174,3 +174,5 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(gen: torch.Generator) -
 def test_warm_up_runs_every_variant(device: str) -> None:
     # 2 logit dtypes (bf16 and float32) x with/without the host copy; host/device sources x fill
     assert triton_step_io.warm_up(torch.bfloat16, torch.device(device)) == 8
+    # q = 17..20 (16+ drafts per step) take the next token tile: four more stage variants
+    assert triton_step_io.warm_up(torch.float32, torch.device(device), 300_000, 20) == 2 + 8

@@ -279,7 +279,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         else:
             y = self._linear(hidden, None)
         logits = parallel.all_gather(y, dim=-1)
-        return logits[..., : self.vocab_size]
+        if logits.shape[-1] == self.vocab_size:
+            return logits
+        # (padded ranks: a copy, since samplers mask the logits in place through flat views)
+        return logits[..., : self.vocab_size].contiguous()
 
 
 class RMSNorm(nn.Module):
