@@ -143,11 +143,8 @@ class DecodeGraphs:
         self.memory_bytes = 0
         # Tests on CPU: run the captured-shape forward eagerly over the same static buffers.
         self.emulated = False
-        self._stage_op = kernels.get(
-            "stage_step_inputs",
-            "triton"
-            if device.type == "cuda" and "triton" in kernels.backends("stage_step_inputs")
-            else kernels.REFERENCE,
+        self._stage_op = kernels.get_or_default(
+            "stage_step_inputs", "triton" if device.type == "cuda" else None
         )
 
     @classmethod

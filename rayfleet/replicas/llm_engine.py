@@ -251,12 +251,11 @@ class Engine:
         if warm_up is not None and self.device.type == "cuda":
             archs = [self.model.arch] + ([proposer.arch] if proposer else [])
             self._warm_up_attention(warm_up, archs)
-        if self.device.type == "cuda" and "triton" in kernels.backends("step_io_warm_up"):
-            # the greedy argmax and the graphs' input staging (CUDA takes Triton's whatever
-            # the attention backend)
-            kernels.get("step_io_warm_up", "triton")(
-                self.dtype, self.device, self.model.arch.vocab_size, num_spec + 1
-            )
+        # the greedy argmax and the graphs' input staging (CUDA takes Triton's whatever the
+        # attention backend)
+        step_io_warm_up = kernels.get_fused("step_io_warm_up", "triton")
+        if step_io_warm_up is not None and self.device.type == "cuda":
+            step_io_warm_up(self.dtype, self.device, self.model.arch.vocab_size, num_spec + 1)
         if self._cuda_graphs_usable():
             self._capture_target_graphs(num_spec)
             if proposer is not None:

@@ -109,6 +109,15 @@ def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) ->
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+def padded_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one [len(tables), longest] int32 array, short rows padded with 0 (the
+    null block)."""
+    padded = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+    for row, t in zip(padded, tables):
+        row[: len(t)] = t
+    return padded
+
+
 def build_attention_metadata(
     slots: list[int],
     qsl: list[int],
@@ -119,16 +128,12 @@ def build_attention_metadata(
 ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
     """One varlen batch's attention inputs (shared by the target and the draft forward), and
     the ``extra`` host arrays (input ids, positions, ...) on the device, all in one copy."""
-    width = max(len(t) for t in tables)
-    padded = np.zeros((len(tables), width), dtype=np.int32)  # 0 = the null block
-    for row, t in zip(padded, tables):
-        row[: len(t)] = t
     slots_t, qsl_t, seq_lens_t, tables_t, *extra_t = to_device_packed(
         [
             (slots, torch.int64),
             (qsl, torch.int32),
             (seq_lens, torch.int32),
-            (padded, torch.int32),
+            (padded_tables(tables), torch.int32),
             *extra,
         ],
         device,
@@ -441,17 +446,13 @@ class ModelRunner:
             assert self._prev_tokens is not None or not fill_dst
             fill = np.full(num_tokens, -1, dtype=np.int64)
             fill[fill_dst] = fill_src
-            width = max(map(len, tables))
-            padded = np.zeros((b, width), dtype=np.int32)  # 0 = the null block
-            for row, t in zip(padded, tables):
-                row[: len(t)] = t
             *src, fill_h = self._staging.stage(
                 [
                     (input_ids, torch.int64),
                     (positions, torch.int64),
                     (slots, torch.int64),
                     (seq_lens, torch.int32),
-                    (padded, torch.int32),
+                    (padded_tables(tables), torch.int32),
                     (fill, torch.int64),
                 ]
             )

@@ -60,6 +60,13 @@ def _fill(
     raw = buf.numpy()
     for a, off in zip(arrays, offsets):
         raw[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
+    return _views(buf, arrays, offsets, dtypes)
+
+
+def _views(
+    buf: torch.Tensor, arrays: list[np.ndarray], offsets: list[int], dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
+    """Typed views of the byte buffer ``buf`` (any device) where ``_pack`` placed the arrays."""
     return [
         buf[off : off + a.nbytes].view(dtype).view(a.shape)
         for a, off, dtype in zip(arrays, offsets, dtypes)
@@ -77,13 +84,10 @@ def to_device_packed(
     arrays, offsets, total = _pack(parts)
     if device.type != "cuda":
         return [torch.from_numpy(a) for a in arrays]
+    dtypes = [dtype for _, dtype in parts]
     host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-    _fill(host, arrays, offsets, [dtype for _, dtype in parts])
-    dev = host.to(device, non_blocking=True)
-    return [
-        dev[off : off + a.nbytes].view(dtype).view(a.shape)
-        for a, off, (_, dtype) in zip(arrays, offsets, parts)
-    ]
+    _fill(host, arrays, offsets, dtypes)
+    return _views(host.to(device, non_blocking=True), arrays, offsets, dtypes)
 
 
 class PinnedStaging:
@@ -100,17 +104,15 @@ class PinnedStaging:
     def __init__(self, device: torch.device, slots: int = 4) -> None:
         self.device = device
         self._bufs: list[torch.Tensor | None] = [None] * slots
+        # (an event never recorded is complete: synchronizing on it returns at once)
         self._events = [torch.cuda.Event() for _ in range(slots)] if device.type == "cuda" else []
-        self._recorded = [False] * slots
         self._i = 0
 
     def take(self, nbytes: int) -> torch.Tensor:  # [>= nbytes] uint8
         if self.device.type != "cuda":
             return torch.empty(nbytes, dtype=torch.uint8)
         self._i = (self._i + 1) % len(self._bufs)
-        if self._recorded[self._i]:
-            self._events[self._i].synchronize()  # the kernels that used it have run
-            self._recorded[self._i] = False
+        self._events[self._i].synchronize()  # the kernels that used it have run
         buf = self._bufs[self._i]
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(max(nbytes, 4096), dtype=torch.uint8, pin_memory=True)
@@ -130,7 +132,6 @@ class PinnedStaging:
         """The kernels using the last buffer taken are queued on the stream."""
         if self.device.type == "cuda":
             self._events[self._i].record()
-            self._recorded[self._i] = True
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
