@@ -37,6 +37,8 @@ from rayfleet.kernels import register
 from rayfleet.kernels.attention_ref import AttentionMetadata
 from rayfleet.kernels.triton_ops import (
     from_cache,
+    gdc_launch_dependents,
+    gdc_wait,
     pdl_enter,
     pdl_launch,
     rope_and_write_kv,
@@ -63,6 +65,77 @@ def _rope(x, x_rot, cos, sin, sign, TY: tl.constexpr):
     a = round_to(x * cos, TY).to(tl.float32)
     b = round_to((sign * x_rot) * sin, TY).to(tl.float32)
     return round_to(a + b, TY)
+
+
+@triton.jit
+def _load_kv_tile(
+    k_base,
+    v_base,
+    bt_row,
+    pos,
+    ok,
+    dims,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    PAGE: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """K^T [D, N] and V [N, D] at context positions ``pos`` [N] (zeros where not ``ok``), looked
+    up in the request's block table, in the compute dtype ``DT``."""
+    block = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)  # [N]
+    offset = pos % PAGE
+    k = tl.load(
+        k_base + (block * stride_kb + offset * stride_ks)[None, :] + dims[:, None],
+        mask=ok[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        v_base + (block * stride_vb + offset * stride_vs)[:, None] + dims[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    )
+    return from_cache(k, DT), from_cache(v, DT)
+
+
+@triton.jit
+def _softmax_tile(
+    q,
+    k,
+    v,
+    pos,
+    in_ctx,
+    q_pos,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    window,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One KV tile of the online softmax: q [M, D], k [D, N], v [N, D] at positions ``pos``
+    (masked by ``in_ctx``, causality and the window) -> the updated (m_i, l_i, acc)."""
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, N] log2 domain
+    ok = in_ctx[None, :] & (pos[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        ok = ok & (pos[None, :] > q_pos[:, None] - window)
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])  # [M, N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)  # P @ V runs in the model dtype, like flash-attn
+    if DOT_FP32:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 # Runtime ints that vary with the batch are marked do_not_specialize: Triton would otherwise
@@ -121,7 +194,18 @@ def _paged_attention_kernel(
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    if ROPE:
+        # The fused decode variant reads the step's metadata and the cached context before
+        # waiting for the kernel before it (the qkv projection), so that after the wait only q,
+        # the new token's k/v and the math remain. Invariant this relies on: the metadata and
+        # every cached position but the new one are written before the forward's first kernel
+        # starts (by the step's input staging and earlier steps; the forward opens with the
+        # embedding, a launch without PDL, so nothing before it still runs), never by the
+        # kernels of this forward. Stores still come only after the wait.
+        if PDL:
+            gdc_launch_dependents()
+    else:
+        pdl_enter(PDL)
     pid = tl.program_id(0)
     seq = pid // num_q_tiles
     q_tile = pid % num_q_tiles
@@ -143,11 +227,57 @@ def _paged_attention_kernel(
     q_pos = ctx_start + q_idx  # [M] absolute position
     tok = (q_start + q_idx).to(tl.int64)  # [M] row of q / out
     dims = tl.arange(0, HEAD_DIM)
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+
+    # Keys this tile can see: [lo, hi).
+    last_q = tl.minimum(n_new, (q_tile + 1) * BLOCK_Q) - 1
+    hi = ctx_start + last_q + 1
+    lo = hi * 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_start + q_tile * BLOCK_Q - window + 1, 0)
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+        ml_off = (tok * tl.num_programs(1) * GROUP + head) * num_splits + split  # [M]
+        if lo >= hi:
+            # Past the context (a graph's split count is fixed for the longest one it may see):
+            # only the max, -inf, marks the split empty; the combine reads nothing else of it.
+            if PDL:  # noqa: SIM102  (compile-time tests)
+                if ROPE:
+                    gdc_wait()
+            tl.store(ws_m_ptr + ml_off, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
+            return
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    if ROPE:
+        # The first KV tile, before the wait. Its column at the position this step writes (the
+        # new token, unless its slot is < 0: padding writes nothing, and the reference reads
+        # what the cache holds there) is stale until the write below and is replaced then.
+        slot = tl.load(slot_ptr + q_start).to(tl.int64)
+        written = tl.where(slot >= 0, ctx_start, -1)  # the position this step writes, if any
+        pos0 = lo + tl.arange(0, BLOCK_N)  # [N]
+        k0, v0 = _load_kv_tile(
+            k_base,
+            v_base,
+            bt_row,
+            pos0,
+            pos0 < hi,
+            dims,
+            stride_kb,
+            stride_ks,
+            stride_vb,
+            stride_vs,
+            PAGE,
+            DT,
+        )
+        if PDL:
+            gdc_wait()
 
     q_rows = q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
     if ROPE:
-        DT: tl.constexpr = q_ptr.dtype.element_ty
         HALF: tl.constexpr = HEAD_DIM // 2
         rot = (dims + HALF) % HEAD_DIM
         sign = tl.where(dims < HALF, -1.0, 1.0)
@@ -164,102 +294,98 @@ def _paged_attention_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    # Keys this tile can see: [lo, hi).
-    last_q = tl.minimum(n_new, (q_tile + 1) * BLOCK_Q) - 1
-    hi = ctx_start + last_q + 1
-    lo = hi * 0
-    if USE_WINDOW:
-        lo = tl.maximum(ctx_start + q_tile * BLOCK_Q - window + 1, 0)
-    if SPLIT:
-        chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
-        lo = lo + split * chunk
-        hi = tl.minimum(hi, lo + chunk)
-        ml_off = (tok * tl.num_programs(1) * GROUP + head) * num_splits + split  # [M]
-        if lo >= hi:
-            # Past the context (a graph's split count is fixed for the longest one it may see):
-            # only the max, -inf, marks the split empty; the combine reads nothing else of it.
-            tl.store(ws_m_ptr + ml_off, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
-            return
-    if ROPE:  # noqa: SIM102
-        # The request's one new token (position ctx_start) is read only by the program whose
-        # range holds it: that program rotates k, writes (k, v) to the cache, and a barrier
-        # makes the writes visible to all its threads before the loop reads them back.
-        if (ctx_start >= lo) & (ctx_start < hi):
-            slot = tl.load(slot_ptr + q_start).to(tl.int64)
-            if slot >= 0:
-                row = q_start.to(tl.int64)
-                new_k = k_new_ptr + row * stride_knt + kv_head * stride_knh
-                k_rot = _rope(
-                    tl.load(new_k + dims).to(tl.float32),
-                    tl.load(new_k + rot).to(tl.float32),
-                    tl.load(cos_ptr + row * stride_cos + dims).to(tl.float32),
-                    tl.load(sin_ptr + row * stride_sin + dims).to(tl.float32),
-                    sign,
-                    DT,
-                )
-                block = slot // PAGE
-                offset = slot % PAGE
-                tl.store(
-                    k_cache_ptr
-                    + kv_head * stride_kh
-                    + block * stride_kb
-                    + offset * stride_ks
-                    + dims,
-                    to_cache(k_rot, k_cache_ptr.dtype.element_ty),
-                )
-                new_v = tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_vnh + dims)
-                tl.store(
-                    v_cache_ptr
-                    + kv_head * stride_vh
-                    + block * stride_vb
-                    + offset * stride_vs
-                    + dims,
-                    to_cache(new_v, v_cache_ptr.dtype.element_ty),
-                )
-            tl.debug_barrier()
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    k_base = k_cache_ptr + kv_head * stride_kh
-    v_base = v_cache_ptr + kv_head * stride_vh
+    loop_lo = lo
+    if ROPE:
+        # The request's one new token (position ctx_start): rotate k; the program whose range
+        # holds it writes (k, v) to the cache, and a barrier makes the writes visible to all its
+        # threads before the loop reads them back; in the first tile (loaded before the write)
+        # its column is set from registers, rounded as the cache rounds.
+        row = q_start.to(tl.int64)
+        new_k = k_new_ptr + row * stride_knt + kv_head * stride_knh
+        k_new = to_cache(
+            _rope(
+                tl.load(new_k + dims).to(tl.float32),
+                tl.load(new_k + rot).to(tl.float32),
+                tl.load(cos_ptr + row * stride_cos + dims).to(tl.float32),
+                tl.load(sin_ptr + row * stride_sin + dims).to(tl.float32),
+                sign,
+                DT,
+            ),
+            k_cache_ptr.dtype.element_ty,
+        )
+        v_new = to_cache(
+            tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_vnh + dims),
+            v_cache_ptr.dtype.element_ty,
+        )
+        if (ctx_start >= lo) & (ctx_start < hi) & (slot >= 0):
+            block = slot // PAGE
+            offset = slot % PAGE
+            tl.store(
+                k_cache_ptr + kv_head * stride_kh + block * stride_kb + offset * stride_ks + dims,
+                k_new,
+            )
+            tl.store(
+                v_cache_ptr + kv_head * stride_vh + block * stride_vb + offset * stride_vs + dims,
+                v_new,
+            )
+            tl.debug_barrier()
+        new0 = pos0 == written  # [N]
+        k0 = tl.where(new0[None, :], from_cache(k_new, DT)[:, None], k0)
+        v0 = tl.where(new0[:, None], from_cache(v_new, DT)[None, :], v0)
+        m_i, l_i, acc = _softmax_tile(
+            q,
+            k0,
+            v0,
+            pos0,
+            pos0 < hi,
+            q_pos,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            window,
+            USE_WINDOW,
+            DOT_PRECISION,
+            DOT_FP32,
+        )
+        loop_lo = lo + BLOCK_N
 
-    for start in range(lo, hi, BLOCK_N):
+    for start in range(loop_lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)  # [N]
         in_ctx = pos < hi
-        block = tl.load(bt_row + pos // PAGE, mask=in_ctx, other=0).to(tl.int64)  # [N]
-        offset = pos % PAGE
-        k = tl.load(
-            k_base + (block * stride_kb + offset * stride_ks)[None, :] + dims[:, None],
-            mask=in_ctx[None, :],
-            other=0.0,
-        )  # [D, N]
-        k = from_cache(k, q_ptr.dtype.element_ty)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, N] log2 domain
-        ok = in_ctx[None, :] & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            ok = ok & (pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])  # [M, N]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + (block * stride_vb + offset * stride_vs)[:, None] + dims[None, :],
-            mask=in_ctx[:, None],
-            other=0.0,
-        )  # [N, D]
-        v = from_cache(v, q_ptr.dtype.element_ty)
-        p = p.to(q_ptr.dtype.element_ty)  # P @ V runs in the model dtype, like flash-attn
-        if DOT_FP32:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k, v = _load_kv_tile(
+            k_base,
+            v_base,
+            bt_row,
+            pos,
+            in_ctx,
+            dims,
+            stride_kb,
+            stride_ks,
+            stride_vb,
+            stride_vs,
+            PAGE,
+            DT,
+        )
+        m_i, l_i, acc = _softmax_tile(
+            q,
+            k,
+            v,
+            pos,
+            in_ctx,
+            q_pos,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            window,
+            USE_WINDOW,
+            DOT_PRECISION,
+            DOT_FP32,
+        )
 
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -422,10 +548,12 @@ def paged_attention(
             _num_sms(q.device),
         )
     num_splits = max(1, int(num_splits))
-    if num_splits > 1 and meta.max_query_len == 1:
+    if num_splits > 1 and meta.max_query_len == 1 and rope is None:
         # Split decode tiles are latency-bound: half-width KV steps over twice the programs cut
         # an H100 llama-3-8b batch-1 step by 0.4% at 512 and 1.0% at 3k context (.scratch sweep
-        # of BLOCK_N 16-64 x 2-4 programs per SM).
+        # of BLOCK_N 16-64 x 2-4 programs per SM). Not the fused variant, which loads its first
+        # tile before the wait: full-width tiles measured 5.344 ms against 5.477 per step at 512
+        # tokens of context, 5.611 against 5.594 at 3000 (H100, 64 planned splits).
         block_n //= 2
     grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
 
@@ -564,8 +692,8 @@ def warm_up(
     kernel for each power-of-two split bound. A variant first met while serving costs a compile
     (~0.5 s) inside a step. Returns the number of launches."""
     group = num_heads // num_kv_heads
-    # (tile config, single-token) -> shortest query; split single-token tiles take half-width
-    # KV steps, so q = 1 and q = 2.. of one tile config are different variants
+    # (tile config, single-token) -> shortest query; split single-token tiles of the unfused
+    # variant take half-width KV steps, so q = 1 and q = 2.. of one tile config differ
     configs: dict[tuple[tuple[int, int, int, int], bool], int] = {}
     for q_len in (1, *(2**i for i in range(1, 9))):  # BLOCK_M is capped (at 128) before 256
         configs.setdefault((_tile_config(q_len, group, head_dim), q_len == 1), q_len)

@@ -174,6 +174,9 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
+        # The embedding opens the forward as a launch without PDL: nothing staged before it is
+        # still being written once a layer's kernels run (the fused decode attention reads the
+        # step's metadata and cached KV before its wait; see triton_attention).
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(positions, batch.meta)
         residual: torch.Tensor | None = None
