@@ -68,56 +68,51 @@ def _rope(x, x_rot, cos, sin, sign, TY: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(
-    k_base,
-    v_base,
-    bt_row,
-    pos,
-    ok,
-    dims,
-    stride_kb,
-    stride_ks,
-    stride_vb,
-    stride_vs,
-    PAGE: tl.constexpr,
-    DT: tl.constexpr,
-):
-    """K^T [D, N] and V [N, D] at context positions ``pos`` [N] (zeros where not ``ok``), looked
-    up in the request's block table, in the compute dtype ``DT``."""
-    block = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)  # [N]
-    offset = pos % PAGE
+def _kv_tile_offsets(bt_row, pos, ok, PAGE: tl.constexpr):
+    """(cache block, offset in it) [N] of context positions ``pos`` from the block table."""
+    block = tl.load(bt_row + pos // PAGE, mask=ok, other=0).to(tl.int64)
+    return block, pos % PAGE
+
+
+@triton.jit
+def _load_k(k_base, block, offset, ok, dims, stride_kb, stride_ks, DT: tl.constexpr):
+    """K^T [D, N] (zeros where not ``ok``) in the compute dtype ``DT``."""
     k = tl.load(
         k_base + (block * stride_kb + offset * stride_ks)[None, :] + dims[:, None],
         mask=ok[None, :],
         other=0.0,
     )
+    return from_cache(k, DT)
+
+
+@triton.jit
+def _load_v(v_base, block, offset, ok, dims, stride_vb, stride_vs, DT: tl.constexpr):
+    """V [N, D] (zeros where not ``ok``) in the compute dtype ``DT``."""
     v = tl.load(
         v_base + (block * stride_vb + offset * stride_vs)[:, None] + dims[None, :],
         mask=ok[:, None],
         other=0.0,
     )
-    return from_cache(k, DT), from_cache(v, DT)
+    return from_cache(v, DT)
 
 
 @triton.jit
-def _softmax_tile(
+def _scores(
     q,
     k,
-    v,
     pos,
     in_ctx,
     q_pos,
     m_i,
     l_i,
-    acc,
     qk_scale,
     window,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """One KV tile of the online softmax: q [M, D], k [D, N], v [N, D] at positions ``pos``
-    (masked by ``in_ctx``, causality and the window) -> the updated (m_i, l_i, acc)."""
+    """The online softmax's first half for one KV tile: q [M, D] . k [D, N] at positions ``pos``
+    (masked by ``in_ctx``, causality and the window) -> (p [M, N], alpha [M], m_new, l_new)."""
     if DOT_FP32:
         k = k.to(tl.float32)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, N] log2 domain
@@ -129,13 +124,75 @@ def _softmax_tile(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])  # [M, N]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(v.dtype)  # P @ V runs in the model dtype, like flash-attn
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _accumulate_pv(acc, alpha, p, v, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Its second half: acc [M, D] * alpha + p @ v (P @ V in the model dtype, like flash-attn)."""
+    p = p.to(v.dtype)
     if DOT_FP32:
         p = p.to(tl.float32)
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _new_kv(
+    k_new_ptr,
+    v_new_ptr,
+    cos_ptr,
+    sin_ptr,
+    row,
+    kv_head,
+    dims,
+    rot,
+    sign,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_cos,
+    stride_sin,
+    DT: tl.constexpr,
+    CACHE_DT: tl.constexpr,
+):
+    """The new token's (rotated k, v) [D] of one KV head, rounded to the cache dtype."""
+    new_k = k_new_ptr + row * stride_knt + kv_head * stride_knh
+    k = _rope(
+        tl.load(new_k + dims).to(tl.float32),
+        tl.load(new_k + rot).to(tl.float32),
+        tl.load(cos_ptr + row * stride_cos + dims).to(tl.float32),
+        tl.load(sin_ptr + row * stride_sin + dims).to(tl.float32),
+        sign,
+        DT,
+    )
+    v = tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_vnh + dims)
+    return to_cache(k, CACHE_DT), to_cache(v, CACHE_DT)
+
+
+@triton.jit
+def _store_new_kv(
+    k_cache_ptr,
+    v_cache_ptr,
+    k,
+    v,
+    slot,
+    kv_head,
+    dims,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    PAGE: tl.constexpr,
+):
+    """(k, v) [D] of one KV head into the paged cache at ``slot`` (>= 0)."""
+    block = slot // PAGE
+    offset = slot % PAGE
+    tl.store(k_cache_ptr + kv_head * stride_kh + block * stride_kb + offset * stride_ks + dims, k)
+    tl.store(v_cache_ptr + kv_head * stride_vh + block * stride_vb + offset * stride_vs + dims, v)
 
 
 # Runtime ints that vary with the batch are marked do_not_specialize: Triton would otherwise
@@ -189,19 +246,22 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr,  # cache block size
     SPLIT: tl.constexpr,  # num_splits > 1: partial results into the workspace
     ROPE: tl.constexpr,  # decode (one new token per request): RoPE on q and k + the KV write here
+    PRELOAD: tl.constexpr,  # ROPE and SPLIT: metadata and first KV tile read before the PDL wait
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
     PDL: tl.constexpr,
 ):
-    if ROPE:
-        # The fused decode variant reads the step's metadata and the cached context before
-        # waiting for the kernel before it (the qkv projection), so that after the wait only q,
-        # the new token's k/v and the math remain. Invariant this relies on: the metadata and
-        # every cached position but the new one are written before the forward's first kernel
-        # starts (by the step's input staging and earlier steps; the forward opens with the
-        # embedding, a launch without PDL, so nothing before it still runs), never by the
-        # kernels of this forward. Stores still come only after the wait.
+    if PRELOAD:
+        # Split fused decode tiles (small batches, latency-bound) read the step's metadata and
+        # their first KV tile before waiting for the kernel before them (the qkv projection),
+        # so that after the wait only q, the new token's k/v and the math remain. Invariant
+        # this relies on: the metadata and every cached position but the new one are written
+        # before the forward's first kernel starts (by the step's input staging and earlier
+        # steps; the forward opens with the embedding, a launch without PDL, so nothing before
+        # it still runs), never by the kernels of this forward. Stores still come only after
+        # the wait. (Large batches keep the wait first: reading early there slowed the GEMV
+        # before them more than it saved.)
         if PDL:
             gdc_launch_dependents()
     else:
@@ -244,34 +304,23 @@ def _paged_attention_kernel(
             # Past the context (a graph's split count is fixed for the longest one it may see):
             # only the max, -inf, marks the split empty; the combine reads nothing else of it.
             if PDL:  # noqa: SIM102  (compile-time tests)
-                if ROPE:
+                if PRELOAD:
                     gdc_wait()
             tl.store(ws_m_ptr + ml_off, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
             return
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
-    if ROPE:
+    if PRELOAD:
         # The first KV tile, before the wait. Its column at the position this step writes (the
         # new token, unless its slot is < 0: padding writes nothing, and the reference reads
         # what the cache holds there) is stale until the write below and is replaced then.
         slot = tl.load(slot_ptr + q_start).to(tl.int64)
         written = tl.where(slot >= 0, ctx_start, -1)  # the position this step writes, if any
         pos0 = lo + tl.arange(0, BLOCK_N)  # [N]
-        k0, v0 = _load_kv_tile(
-            k_base,
-            v_base,
-            bt_row,
-            pos0,
-            pos0 < hi,
-            dims,
-            stride_kb,
-            stride_ks,
-            stride_vb,
-            stride_vs,
-            PAGE,
-            DT,
-        )
+        block0, offset0 = _kv_tile_offsets(bt_row, pos0, pos0 < hi, PAGE)
+        k0 = _load_k(k_base, block0, offset0, pos0 < hi, dims, stride_kb, stride_ks, DT)
+        v0 = _load_v(v_base, block0, offset0, pos0 < hi, dims, stride_vb, stride_vs, DT)
         if PDL:
             gdc_wait()
 
@@ -299,93 +348,93 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     loop_lo = lo
     if ROPE:
-        # The request's one new token (position ctx_start): rotate k; the program whose range
-        # holds it writes (k, v) to the cache, and a barrier makes the writes visible to all its
-        # threads before the loop reads them back; in the first tile (loaded before the write)
-        # its column is set from registers, rounded as the cache rounds.
-        row = q_start.to(tl.int64)
-        new_k = k_new_ptr + row * stride_knt + kv_head * stride_knh
-        k_new = to_cache(
-            _rope(
-                tl.load(new_k + dims).to(tl.float32),
-                tl.load(new_k + rot).to(tl.float32),
-                tl.load(cos_ptr + row * stride_cos + dims).to(tl.float32),
-                tl.load(sin_ptr + row * stride_sin + dims).to(tl.float32),
-                sign,
-                DT,
-            ),
+        # The request's one new token (position ctx_start) is written by the program whose range
+        # holds it: rotated k and v to the cache, then a barrier makes the writes visible to all
+        # its threads before the loop reads them back. Every program rotates it (few loads, in
+        # the shadow of q's): the preloaded first tile may need it.
+        k_new, v_new = _new_kv(
+            k_new_ptr,
+            v_new_ptr,
+            cos_ptr,
+            sin_ptr,
+            q_start.to(tl.int64),
+            kv_head,
+            dims,
+            rot,
+            sign,
+            stride_knt,
+            stride_knh,
+            stride_vnt,
+            stride_vnh,
+            stride_cos,
+            stride_sin,
+            DT,
             k_cache_ptr.dtype.element_ty,
         )
-        v_new = to_cache(
-            tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_vnh + dims),
-            v_cache_ptr.dtype.element_ty,
-        )
+        if not PRELOAD:
+            slot = tl.load(slot_ptr + q_start).to(tl.int64)
         if (ctx_start >= lo) & (ctx_start < hi) & (slot >= 0):
-            block = slot // PAGE
-            offset = slot % PAGE
-            tl.store(
-                k_cache_ptr + kv_head * stride_kh + block * stride_kb + offset * stride_ks + dims,
+            _store_new_kv(
+                k_cache_ptr,
+                v_cache_ptr,
                 k_new,
-            )
-            tl.store(
-                v_cache_ptr + kv_head * stride_vh + block * stride_vb + offset * stride_vs + dims,
                 v_new,
+                slot,
+                kv_head,
+                dims,
+                stride_kb,
+                stride_ks,
+                stride_kh,
+                stride_vb,
+                stride_vs,
+                stride_vh,
+                PAGE,
             )
             tl.debug_barrier()
-        new0 = pos0 == written  # [N]
-        k0 = tl.where(new0[None, :], from_cache(k_new, DT)[:, None], k0)
-        v0 = tl.where(new0[:, None], from_cache(v_new, DT)[None, :], v0)
-        m_i, l_i, acc = _softmax_tile(
-            q,
-            k0,
-            v0,
-            pos0,
-            pos0 < hi,
-            q_pos,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            window,
-            USE_WINDOW,
-            DOT_PRECISION,
-            DOT_FP32,
-        )
-        loop_lo = lo + BLOCK_N
+        if PRELOAD:
+            # the first tile, loaded before the write, gets the new column from registers
+            new0 = pos0 == written  # [N]
+            k0 = tl.where(new0[None, :], from_cache(k_new, DT)[:, None], k0)
+            v0 = tl.where(new0[:, None], from_cache(v_new, DT)[None, :], v0)
+            p, alpha, m_i, l_i = _scores(
+                q,
+                k0,
+                pos0,
+                pos0 < hi,
+                q_pos,
+                m_i,
+                l_i,
+                qk_scale,
+                window,
+                USE_WINDOW,
+                DOT_PRECISION,
+                DOT_FP32,
+            )
+            acc = _accumulate_pv(acc, alpha, p, v0, DOT_PRECISION, DOT_FP32)
+            loop_lo = lo + BLOCK_N
 
     for start in range(loop_lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)  # [N]
         in_ctx = pos < hi
-        k, v = _load_kv_tile(
-            k_base,
-            v_base,
-            bt_row,
-            pos,
-            in_ctx,
-            dims,
-            stride_kb,
-            stride_ks,
-            stride_vb,
-            stride_vs,
-            PAGE,
-            DT,
-        )
-        m_i, l_i, acc = _softmax_tile(
+        block, offset = _kv_tile_offsets(bt_row, pos, in_ctx, PAGE)
+        k = _load_k(k_base, block, offset, in_ctx, dims, stride_kb, stride_ks, DT)
+        p, alpha, m_new, l_i = _scores(
             q,
             k,
-            v,
             pos,
             in_ctx,
             q_pos,
             m_i,
             l_i,
-            acc,
             qk_scale,
             window,
             USE_WINDOW,
             DOT_PRECISION,
             DOT_FP32,
         )
+        v = _load_v(v_base, block, offset, in_ctx, dims, stride_vb, stride_vs, DT)
+        acc = _accumulate_pv(acc, alpha, p, v, DOT_PRECISION, DOT_FP32)
+        m_i = m_new
 
     if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -626,6 +675,7 @@ def paged_attention(
         PAGE=page,
         SPLIT=num_splits > 1,
         ROPE=rope is not None,
+        PRELOAD=rope is not None and num_splits > 1,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if fp32 or dot_fp32 else "tf32",
         DOT_FP32=dot_fp32,

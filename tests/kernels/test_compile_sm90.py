@@ -50,7 +50,8 @@ SCRIPT = textwrap.dedent(
                  "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "qk_scale": "fp32"},
                  {"GROUP": 4, "GROUP_P": 4, "BLOCK_Q": 16 if not rope else 4,
                   "BLOCK_M": 64 if not rope else 16, "BLOCK_N": 64, "HEAD_DIM": 128,
-                  "PAGE": 16, "SPLIT": split, "ROPE": rope, "USE_WINDOW": False,
+                  "PAGE": 16, "SPLIT": split, "ROPE": rope, "PRELOAD": split and rope,
+                  "USE_WINDOW": False,
                   "DOT_PRECISION": "tf32", "DOT_FP32": False, "PDL": True})
     compile_(A._combine_kernel, {"out_ptr": bf, "ws_acc_ptr": "*fp32", "ws_m_ptr": "*fp32",
              "ws_l_ptr": "*fp32"}, {"BLOCK_S": 32, "HEAD_DIM": 128, "PDL": True})
