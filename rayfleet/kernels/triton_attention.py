@@ -55,6 +55,11 @@ _SPLIT_MAX_QUERY_LEN = 16  # only split batches whose longest query is at most t
 # leaves the last splits empty, and they end at once.
 _SPLIT_MIN_CHUNK = 128
 _SPLIT_MAX = 64
+# The fused decode variant reads its first KV tile before the PDL wait (PRELOAD) when split and
+# the batch has at most this many (request, KV head) programs before splitting. H100 llama-3-8b
+# decode steps at 512 tokens of context (.scratch sweep, preload vs not, everything else equal):
+# batch 1 (8 programs) 5.340 vs 5.458 ms; batch 4, 8, 16, 64 lose 2.5, 3.3, 4.0, 3.3%.
+_PRELOAD_MAX_PROGRAMS = 8
 
 
 @triton.jit
@@ -246,22 +251,22 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr,  # cache block size
     SPLIT: tl.constexpr,  # num_splits > 1: partial results into the workspace
     ROPE: tl.constexpr,  # decode (one new token per request): RoPE on q and k + the KV write here
-    PRELOAD: tl.constexpr,  # ROPE and SPLIT: metadata and first KV tile read before the PDL wait
+    PRELOAD: tl.constexpr,  # ROPE, SPLIT, batch 1: metadata, first KV tile read before the wait
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
     PDL: tl.constexpr,
 ):
     if PRELOAD:
-        # Split fused decode tiles (small batches, latency-bound) read the step's metadata and
+        # Split fused decode tiles of a single request (latency-bound) read the metadata and
         # their first KV tile before waiting for the kernel before them (the qkv projection),
         # so that after the wait only q, the new token's k/v and the math remain. Invariant
         # this relies on: the metadata and every cached position but the new one are written
         # before the forward's first kernel starts (by the step's input staging and earlier
         # steps; the forward opens with the embedding, a launch without PDL, so nothing before
         # it still runs), never by the kernels of this forward. Stores still come only after
-        # the wait. (Large batches keep the wait first: reading early there slowed the GEMV
-        # before them more than it saved.)
+        # the wait. (Larger batches keep the wait first: reading early there cost more than it
+        # saved, see _PRELOAD_MAX_PROGRAMS.)
         if PDL:
             gdc_launch_dependents()
     else:
@@ -597,7 +602,12 @@ def paged_attention(
             _num_sms(q.device),
         )
     num_splits = max(1, int(num_splits))
-    if num_splits > 1 and meta.max_query_len == 1 and rope is None:
+    preload = (
+        rope is not None
+        and num_splits > 1
+        and num_seqs * num_q_tiles * num_kv_heads <= _PRELOAD_MAX_PROGRAMS
+    )
+    if num_splits > 1 and meta.max_query_len == 1 and not preload:
         # Split decode tiles are latency-bound: half-width KV steps over twice the programs cut
         # an H100 llama-3-8b batch-1 step by 0.4% at 512 and 1.0% at 3k context (.scratch sweep
         # of BLOCK_N 16-64 x 2-4 programs per SM). Not the fused variant, which loads its first
@@ -675,7 +685,7 @@ def paged_attention(
         PAGE=page,
         SPLIT=num_splits > 1,
         ROPE=rope is not None,
-        PRELOAD=rope is not None and num_splits > 1,
+        PRELOAD=preload,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if fp32 or dot_fp32 else "tf32",
         DOT_FP32=dot_fp32,
@@ -738,7 +748,8 @@ def warm_up(
 ) -> int:
     """Compile, on tiny dummy inputs, every variant of the kernels a batch of this head layout
     can select: each tile configuration (by longest query, doubling until BLOCK_M is capped),
-    with and without KV splits, the decode tiles with RoPE + KV write fused, and the combine
+    with and without KV splits, the decode tiles with RoPE + KV write fused (split with and
+    without the preload of small batches), and the combine
     kernel for each power-of-two split bound. A variant first met while serving costs a compile
     (~0.5 s) inside a step. Returns the number of launches."""
     group = num_heads // num_kv_heads
@@ -754,21 +765,25 @@ def warm_up(
     v_cache = torch.zeros_like(k_cache)
     launches = 0
 
-    def run(n: int, num_splits: int, rope: bool = False) -> None:
+    def run(n: int, num_splits: int, rope: bool = False, seqs: int = 1) -> None:
+        """``seqs`` requests of ``n`` new tokens each (all in the same cache blocks)."""
         nonlocal launches
+        t = n * seqs
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=device, dtype=torch.int64) + block_size,
-            query_start_loc=torch.tensor([0, n], device=device, dtype=torch.int32),
-            seq_lens=torch.tensor([n], device=device, dtype=torch.int32),
-            block_tables=torch.arange(1, blocks + 1, device=device, dtype=torch.int32)[None],
+            slot_mapping=torch.arange(t, device=device, dtype=torch.int64) % n + block_size,
+            query_start_loc=torch.arange(0, t + 1, n, device=device, dtype=torch.int32),
+            seq_lens=torch.full((seqs,), n, device=device, dtype=torch.int32),
+            block_tables=torch.arange(1, blocks + 1, device=device, dtype=torch.int32).repeat(
+                seqs, 1
+            ),
             max_query_len=n,
             max_seq_len=n,
-            query_start_loc_cpu=[0, n],
-            seq_lens_cpu=[n],
+            query_start_loc_cpu=list(range(0, t + 1, n)),
+            seq_lens_cpu=[n] * seqs,
         )
-        q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
-        new_kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
-        cos = torch.zeros(n, head_dim, dtype=dtype, device=device)
+        q = torch.zeros(t, num_heads, head_dim, dtype=dtype, device=device)
+        new_kv = torch.zeros(t, num_kv_heads, head_dim, dtype=dtype, device=device)
+        cos = torch.zeros(t, head_dim, dtype=dtype, device=device)
         paged_attention(
             q,
             k_cache,
@@ -786,7 +801,8 @@ def warm_up(
         if n <= _SPLIT_MAX_QUERY_LEN:
             run(n, 2)
     run(1, 1, rope=True)  # the fused decode variants (rope_write_kv_attention)
-    run(1, 2, rope=True)
+    run(1, 2, rope=True)  # split, preloading where one request's programs are few enough
+    run(1, 2, rope=True, seqs=_PRELOAD_MAX_PROGRAMS // num_kv_heads + 1)  # split, not
     splits = 4
     while splits <= _SPLIT_MAX:  # the combine kernel's BLOCK_S = next power of two >= splits
         run(1, splits)
