@@ -251,15 +251,15 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr,  # cache block size
     SPLIT: tl.constexpr,  # num_splits > 1: partial results into the workspace
     ROPE: tl.constexpr,  # decode (one new token per request): RoPE on q and k + the KV write here
-    PRELOAD: tl.constexpr,  # ROPE, SPLIT, batch 1: metadata, first KV tile read before the wait
+    PRELOAD: tl.constexpr,  # ROPE, SPLIT, few programs: first KV tile read before the wait
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (Triton's CPU interpreter mis-multiplies bf16)
     PDL: tl.constexpr,
 ):
     if PRELOAD:
-        # Split fused decode tiles of a single request (latency-bound) read the metadata and
-        # their first KV tile before waiting for the kernel before them (the qkv projection),
+        # Split fused decode tiles of a small batch (latency-bound) read the metadata and
+        # their first KV tile before waiting for the kernel before them (the q/k/v producer),
         # so that after the wait only q, the new token's k/v and the math remain. Invariant
         # this relies on: the metadata and every cached position but the new one are written
         # before the forward's first kernel starts (by the step's input staging and earlier
@@ -280,6 +280,11 @@ def _paged_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     n_new = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= n_new:
+        if PDL:  # noqa: SIM102  (compile-time tests)
+            if PRELOAD:
+                # not done before the kernel before it: a grid of such programs alone would
+                # otherwise let the next kernel's wait (the combine's) pass too early
+                gdc_wait()
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_start = seq_len - n_new  # absolute position of the request's first new token
@@ -356,7 +361,8 @@ def _paged_attention_kernel(
         # The request's one new token (position ctx_start) is written by the program whose range
         # holds it: rotated k and v to the cache, then a barrier makes the writes visible to all
         # its threads before the loop reads them back. Every program rotates it (few loads, in
-        # the shadow of q's): the preloaded first tile may need it.
+        # the shadow of q's; the old kernel did it only in the writing program, measured the
+        # same): the preloaded first tile may need it.
         k_new, v_new = _new_kv(
             k_new_ptr,
             v_new_ptr,
@@ -523,9 +529,9 @@ def choose_num_splits(
     """Split the KV range only when the batch alone would leave most SMs idle.
 
     Decode-like batches (every query at most ``_SPLIT_MAX_QUERY_LEN`` tokens) with fewer than
-    ~2 programs per SM (pure decode: 4, over half-width KV tiles, see ``paged_attention``) get
-    enough splits to reach that, each covering >= ``_SPLIT_MIN_CHUNK`` context tokens, at most
-    ``_SPLIT_MAX``.
+    ~2 programs per SM (pure decode: 4, over half-width KV tiles unless preloading, see
+    ``paged_attention``) get enough splits to reach that, each covering >= ``_SPLIT_MIN_CHUNK``
+    context tokens, at most ``_SPLIT_MAX``.
     """
     if max_query_len > _SPLIT_MAX_QUERY_LEN:
         return 1
@@ -610,9 +616,9 @@ def paged_attention(
     if num_splits > 1 and meta.max_query_len == 1 and not preload:
         # Split decode tiles are latency-bound: half-width KV steps over twice the programs cut
         # an H100 llama-3-8b batch-1 step by 0.4% at 512 and 1.0% at 3k context (.scratch sweep
-        # of BLOCK_N 16-64 x 2-4 programs per SM). Not the fused variant, which loads its first
-        # tile before the wait: full-width tiles measured 5.344 ms against 5.477 per step at 512
-        # tokens of context, 5.611 against 5.594 at 3000 (H100, 64 planned splits).
+        # of BLOCK_N 16-64 x 2-4 programs per SM). Not the preloading variant, which loads its
+        # first tile before the wait: full-width tiles measured 5.344 ms against 5.477 per step
+        # at 512 tokens of context, 5.611 against 5.594 at 3000 (H100, 64 planned splits).
         block_n //= 2
     grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
 
@@ -753,8 +759,8 @@ def warm_up(
     kernel for each power-of-two split bound. A variant first met while serving costs a compile
     (~0.5 s) inside a step. Returns the number of launches."""
     group = num_heads // num_kv_heads
-    # (tile config, single-token) -> shortest query; split single-token tiles of the unfused
-    # variant take half-width KV steps, so q = 1 and q = 2.. of one tile config differ
+    # (tile config, single-token) -> shortest query; split single-token tiles that do not
+    # preload take half-width KV steps, so q = 1 and q = 2.. of one tile config differ
     configs: dict[tuple[tuple[int, int, int, int], bool], int] = {}
     for q_len in (1, *(2**i for i in range(1, 9))):  # BLOCK_M is capped (at 128) before 256
         configs.setdefault((_tile_config(q_len, group, head_dim), q_len == 1), q_len)

@@ -177,8 +177,8 @@ def test_fp8_cache(device: str, gen: torch.Generator, tol: Tol) -> None:
     check_fused(b, tol, gen, num_splits=2)
 
 
-def test_skipped_slot_is_not_written(device: str, gen: torch.Generator) -> None:
-    """A slot of -1 (CUDA-graph padding) writes nothing; the other request is served."""
+def skipped_slot_batch(device: str, gen: torch.Generator) -> PagedBatch:
+    """Two decoding requests (contexts 5 and 9), the first with slot -1 (CUDA-graph padding)."""
     b = build_batch(
         [5, 9],
         [1, 1],
@@ -191,6 +191,12 @@ def test_skipped_slot_is_not_written(device: str, gen: torch.Generator) -> None:
         gen=gen,
     )
     b.meta.slot_mapping[0] = -1
+    return b
+
+
+def test_skipped_slot_is_not_written(device: str, gen: torch.Generator) -> None:
+    """A slot of -1 (CUDA-graph padding) writes nothing; the other request is served."""
+    b = skipped_slot_batch(device, gen)
     before = b.k_cache.clone()
     cos, sin = rope_tables(2, 32, torch.float32, device, gen)
     triton_attention.paged_attention(
@@ -234,3 +240,50 @@ def test_registered_op_takes_multi_token_batches(
         triton_attention.paged_attention(
             b.q, b.k_cache, b.v_cache, b.meta, 0.3, rope=(b.k_new, b.v_new, cos, sin)
         )
+
+
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_skipped_slot_attends_to_the_cache(
+    num_splits: int | None, device: str, gen: torch.Generator, tol: Tol
+) -> None:
+    """A slot of -1 writes nothing, and attention reads what the cache holds at that position,
+    as the reference does: split (2 programs, so the first tile is read before the PDL wait)
+    or not."""
+    check_fused(skipped_slot_batch(device, gen), tol, gen, num_splits=num_splits)
+
+
+def test_split_new_token_past_the_first_tile(device: str, gen: torch.Generator, tol: Tol) -> None:
+    """Few programs, split: the first tile is read before the wait, and the new token (position
+    299; split 1 covers [192, 300)) lies in the second, read back from the cache after the
+    write."""
+    b = build_batch(
+        [300, 64, 65],
+        [1, 1, 1],
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        device=device,
+        gen=gen,
+    )
+    check_fused(b, tol, gen, num_splits=2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_cache_fp32_model(num_splits: int, device: str, gen: torch.Generator, tol: Tol) -> None:
+    """fp32 tolerances over an fp8 cache: the new token's k/v are read as the cache rounds them,
+    also where the split's first tile was read before the write (2 requests x 2 KV heads)."""
+    b = build_batch(
+        [40, 17],
+        [1, 1],
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        device=device,
+        gen=gen,
+    )
+    b.k_cache, b.v_cache = b.k_cache.to(torch.float8_e4m3fn), b.v_cache.to(torch.float8_e4m3fn)
+    check_fused(b, tol, gen, num_splits=num_splits)
