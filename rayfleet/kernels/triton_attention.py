@@ -280,11 +280,10 @@ def _paged_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     n_new = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= n_new:
-        if PDL:  # noqa: SIM102  (compile-time tests)
-            if PRELOAD:
-                # not done before the kernel before it: a grid of such programs alone would
-                # otherwise let the next kernel's wait (the combine's) pass too early
-                gdc_wait()
+        if PDL and PRELOAD:
+            # not done before the kernel before it: a grid of such programs alone would
+            # otherwise let the next kernel's wait (the combine's) pass too early
+            gdc_wait()
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_start = seq_len - n_new  # absolute position of the request's first new token
@@ -313,9 +312,8 @@ def _paged_attention_kernel(
         if lo >= hi:
             # Past the context (a graph's split count is fixed for the longest one it may see):
             # only the max, -inf, marks the split empty; the combine reads nothing else of it.
-            if PDL:  # noqa: SIM102  (compile-time tests)
-                if PRELOAD:
-                    gdc_wait()
+            if PDL and PRELOAD:
+                gdc_wait()
             tl.store(ws_m_ptr + ml_off, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
             return
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -755,9 +753,9 @@ def warm_up(
     """Compile, on tiny dummy inputs, every variant of the kernels a batch of this head layout
     can select: each tile configuration (by longest query, doubling until BLOCK_M is capped),
     with and without KV splits, the decode tiles with RoPE + KV write fused (split with and
-    without the preload of small batches), and the combine
-    kernel for each power-of-two split bound. A variant first met while serving costs a compile
-    (~0.5 s) inside a step. Returns the number of launches."""
+    without the preload of small batches), and the combine kernel for each power-of-two split
+    bound. A variant first met while serving costs a compile (~0.5 s) inside a step. Returns
+    the number of launches."""
     group = num_heads // num_kv_heads
     # (tile config, single-token) -> shortest query; split single-token tiles that do not
     # preload take half-width KV steps, so q = 1 and q = 2.. of one tile config differ
