@@ -90,14 +90,19 @@ def _load_builtin() -> None:
             triton_step_io,
         )
     from rayfleet.kernels import (
+        attention_flash,
         attention_sdpa,  # noqa: F401  (stock-torch fast path)
         fp8_linear,  # noqa: F401  (cuBLAS FP8)
     )
 
+    attention_flash.register_if_installed()  # "flash_attn", where the flash-attn package imports
+
 
 def choose_attention_backend(requested: str | None, device) -> str:
     """``requested`` if available; else "triton" on CUDA (the fastest measured there, and the
-    one CUDA graphs can capture), else the highest-priority backend ("sdpa")."""
+    one CUDA graphs can capture), else the highest-priority backend ("sdpa"). "flash_attn"
+    (registered where the flash-attn package imports) is chosen by name: it has not been
+    measured against "triton" on a machine that has it, and it needs block_size % 256 == 0."""
     available = backends("paged_attention")
     if requested is not None:
         if requested not in available:

@@ -37,7 +37,7 @@ import torch
 
 from rayfleet import kernels
 from rayfleet.config import EngineConfig
-from rayfleet.kernels import choose_attention_backend
+from rayfleet.kernels import attention_flash, choose_attention_backend
 from rayfleet.outputs import RequestOutput, SpecStats
 from rayfleet.replicas.cuda_graphs import default_capture_sizes
 from rayfleet.replicas.detokenizer import IncrementalDetokenizer
@@ -208,6 +208,15 @@ class Engine:
             if m is not None and backend != kernels.REFERENCE:
                 use_kernel_backend(m, backend)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
+        if backend == attention_flash.BACKEND:  # at start-up, not in the first step
+            for arch in (self.arch, self.draft_model and self.draft_model.arch):
+                if arch:
+                    attention_flash.check_supported(
+                        block_size=config.cache.block_size,
+                        dtype=self.dtype,
+                        kv_cache_dtype=self.kv_cache_dtype,
+                        head_dim=arch.head_dim,
+                    )
         if (
             self.kv_cache_dtype == torch.float8_e4m3fn
             and self.device.type == "cuda"
