@@ -37,12 +37,15 @@ from rayfleet.replicas.transfer import index_tensor as _index
 if TYPE_CHECKING:
     from rayfleet.replicas.engine.request import Request
     from rayfleet.replicas.spec.adaptive import SpecPolicy
-    from rayfleet.replicas.spec.proposer import DraftProposer, DraftRequest
+    from rayfleet.replicas.spec.proposer import DraftProposals, DraftProposer, DraftRequest
 
 # Verification graphs are captured for batch size * query length up to this many tokens (their
 # memory pool is sized by the largest); bigger verification steps are compute bound and run
 # eagerly.
 VERIFY_GRAPH_MAX_TOKENS = 4096
+# What the scheduler holds for a draft whose id is still on the device (never fed to a model:
+# the runner's inputs take the id from the device; see ModelRunner._prepare).
+DRAFT_PLACEHOLDER = -1
 
 
 @dataclass
@@ -57,6 +60,9 @@ class _RunnerRequest:
     # < draft_num_computed; past len(token_ids) that means the drafts it fed itself.
     draft_num_computed: int = 0
     spec_token_ids: list[int] = field(default_factory=list)  # proposed, awaiting verification
+    # The proposal whose drafts are still only on the device (spec_token_ids is empty until
+    # ModelRunner._resolve_drafts); the next verification reads them from its ``drafts``.
+    pending: DraftProposals | None = None
     # (tensor, rows) of the distributions the drafts were drawn from; None for greedy requests.
     draft_probs: tuple[torch.Tensor, list[int]] | None = None
     flags_dv: int = 0  # draft-valid verified prefix at the last _refresh_draft_flags
@@ -220,6 +226,7 @@ class ModelRunner:
         # Overlapped scheduling: the newest launched step's sampled tokens (device) and the row
         # of each sampling request in it, for the next step's inputs (see launch).
         self._prev_tokens: torch.Tensor | None = None
+        self._pending: list[DraftProposals] = []  # proposals whose ids are not on the host yet
         self._prev_rows: dict[str, tuple[_RunnerRequest, int]] = {}
         # Inputs of steps staged into the graphs, read by the staging kernel in pinned memory;
         # and the ids of launched steps, stored there by the sampler.
@@ -402,8 +409,13 @@ class ModelRunner:
         sample_rids: list[str] = []
         num_spec: list[int] = []  # drafts verified, per sampling request
         logits_idx: list[int] = []
-        fill_dst: list[int] = []  # input rows whose id is a previous step's sampled token
-        fill_src: list[int] = []  # ... and its row in _prev_tokens
+        # Input rows whose id is on the device only, and where: a previous step's sampled token
+        # (overlapped scheduling: its row in _prev_tokens) or a draft not yet on the host (its
+        # index in the pending proposal's drafts). A step has one kind or neither: overlapped
+        # steps verify no drafts.
+        fill_dst: list[int] = []
+        fill_src: list[int] = []
+        fill_from: torch.Tensor | None = None
         for rid, n in sched.num_scheduled_tokens.items():
             st = self.requests[rid]
             start = starts[rid]
@@ -415,7 +427,18 @@ class ModelRunner:
                 assert prev is st and len(known) == n - 1 and st.num_pending, rid
                 fill_dst.append(len(input_ids) + n - 1)
                 fill_src.append(row)
+                fill_from = self._prev_tokens
                 known.append(0)
+            elif spec and st.pending is not None:
+                # Draft j (0-based) sits at position len(token_ids) + j; the proposal's ids are
+                # still on the device (placeholders in ``spec``).
+                pending = st.pending
+                assert fill_from is None or fill_from is pending.drafts, rid
+                fill_from = pending.drafts
+                base = pending.rows[rid] * pending.kmax - len(st.token_ids)
+                for p in range(max(start, len(st.token_ids)), start + n):
+                    fill_dst.append(len(input_ids) + p - start)
+                    fill_src.append(base + p)
             input_ids.extend(known)
             positions.extend(range(start, start + n))
             table = st.block_ids
@@ -430,7 +453,11 @@ class ModelRunner:
                 # here: one for the next token, one per draft the step reached (scheduling may
                 # cut the drafts short; the rest are dropped).
                 k = start + n - num_verified
-                if k and spec is not None and spec[:k] != st.spec_token_ids[:k]:
+                if st.pending is not None:  # (the ids are on the device: compare counts)
+                    differ = k > st.pending.num_spec[rid]
+                else:
+                    differ = bool(k) and spec is not None and spec[:k] != st.spec_token_ids[:k]
+                if differ:
                     raise RuntimeError(f"{rid}: scheduled drafts differ from the proposed ones")
                 sample_rids.append(rid)
                 num_spec.append(k)
@@ -443,7 +470,7 @@ class ModelRunner:
             and num_tokens == b * q
             and self.graphs.fits(b, q, num_tokens, max(map(len, tables)), max(seq_lens))
         ):
-            assert self._prev_tokens is not None or not fill_dst
+            assert fill_from is not None or not fill_dst
             fill = np.full(num_tokens, -1, dtype=np.int64)
             fill[fill_dst] = fill_src
             *src, fill_h = self._staging.stage(
@@ -460,7 +487,7 @@ class ModelRunner:
                 tuple(src),  # type: ignore[arg-type]
                 q,
                 fill_h if fill_dst else None,
-                self._prev_tokens if fill_dst else None,
+                fill_from if fill_dst else None,
             )
             self._staging.queued()
             return _StepInputs(
@@ -482,8 +509,8 @@ class ModelRunner:
             [(v, torch.int64) for v in (input_ids, positions, fill_src, fill_dst, logits_idx)],
         )
         if fill_dst:
-            assert self._prev_tokens is not None
-            ids_t[dst_t] = self._prev_tokens[src_t]
+            assert fill_from is not None
+            ids_t[dst_t] = fill_from[src_t]
         return _StepInputs(
             ids=ids_t,
             positions=positions_t,
@@ -535,6 +562,9 @@ class ModelRunner:
         if events is not None:
             events[0].record()
         logits = self._forward(inp)
+        # The drafts this verification checks are on the host only now: their copy was queued
+        # before this forward, so this waits for the draft, not for the forward.
+        self._resolve_drafts()
         out = RunnerOutput()
         # (without drafts every sampled row is a plain one: the Sampler runs, and calls this)
         queued = events[1].record if events is not None and not any(inp.num_spec) else None
@@ -571,6 +601,7 @@ class ModelRunner:
         if self.proposer is not None:
             assert self.spec_policy is not None
             assert not any(inp.num_spec), "an overlapped step verifies no drafts"
+            self._resolve_drafts()  # (drafts nobody verifies: their timings still count)
             self._refresh_draft_flags(sched.num_scheduled_tokens, inp.starts)
             self.spec_policy.skip_plan()
         # A decode step (no prefill chunk) of paused speculation feeds T(n) too, timed as
@@ -709,6 +740,7 @@ class ModelRunner:
                 continue
             st.spec_token_ids = []
             st.draft_probs = None
+            st.pending = None
             # The draft fed itself d_1..d_{k-1}; those accepted are now verified tokens, so its KV
             # stays valid below the newest token (never fed yet) and up to the first rejection.
             st.draft_num_computed = min(st.draft_num_computed, len(st.token_ids) - 1)
@@ -794,16 +826,33 @@ class ModelRunner:
                 # Draft KV now covers the fed tokens and the drafts it fed itself (all but d_k).
                 st.draft_num_computed = r.end + max(r.num_spec - 1, 0)
                 if r.num_spec:
-                    drafts = proposals.token_ids[r.request_id]
-                    st.spec_token_ids = drafts
+                    st.spec_token_ids, st.pending = [], proposals
                     rows = proposals.prob_rows.get(r.request_id)
                     st.draft_probs = None if rows is None or probs is None else (probs, rows)
-                    out.spec_token_ids[r.request_id] = list(drafts)
+                    # The scheduler reads how many (its Request holds these placeholders); the
+                    # next step's inputs take the ids from the device (_prepare).
+                    out.spec_token_ids[r.request_id] = [DRAFT_PLACEHOLDER] * r.num_spec
+            self._pending.append(proposals)
+        self._refresh_draft_flags(scheduled, starts)
+
+    def _resolve_drafts(self) -> None:
+        """Wait for the pending proposals' ids on the host (see DraftProposals): each request
+        still waiting on one takes its drafts; the policy takes the draft timings."""
+        if not self._pending:
+            return
+        policy = self.spec_policy
+        assert policy is not None
+        for proposals in self._pending:
+            proposals.resolve()
+            for rid, ids in proposals.token_ids.items():
+                st = self.requests.get(rid)
+                if st is not None and st.pending is proposals:
+                    st.spec_token_ids, st.pending = ids, None
             for num_drafting, seconds in proposals.timings:
                 policy.observe_draft(num_drafting, seconds)
             if proposals.catchup is not None:
                 policy.observe_catchup(*proposals.catchup)
-        self._refresh_draft_flags(scheduled, starts)
+        self._pending = []
 
     def _draft_room(self, st: _RunnerRequest) -> tuple[int, tuple[int, int]]:
         """The most drafts the request may take next step (0: none), and its draft lag for the

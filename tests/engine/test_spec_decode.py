@@ -274,6 +274,41 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, grap
         assert replays["draft", 2] and replays["draft", 1]
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_drafts_reach_the_next_verification_from_the_device(
+    models_dir, reference, graphs: bool
+) -> None:
+    """A proposal's ids stay on the device until the next verification needs them on the host:
+    after the step that drafted them the scheduler holds DRAFT_PLACEHOLDER for each draft, the
+    runner has not read them, and the next step's inputs (eager, or staged into a graph) take
+    them from the draft's tensor. Output is still plain greedy decoding's."""
+    from rayfleet.replicas.runner import DRAFT_PLACEHOLDER
+
+    llm = spec_llm(models_dir["target"], models_dir["partial"], 3)
+    if graphs:
+        emulate_graphs(llm)
+    eng, runner = llm.engine, llm.engine.runner
+    rids = [eng.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
+    outs: dict[str, list[int]] = {}
+    pending_steps = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o.token_ids
+        for req in eng.scheduler.running:
+            st = runner.requests[req.request_id]
+            if st.pending is not None:
+                pending_steps += 1
+                assert not st.pending.resolved and st.spec_token_ids == []
+                assert req.spec_token_ids == [DRAFT_PLACEHOLDER] * len(req.spec_token_ids)
+                assert len(req.spec_token_ids) == st.pending.num_spec[req.request_id]
+            else:
+                assert DRAFT_PLACEHOLDER not in req.spec_token_ids
+    assert pending_steps > 0
+    assert [outs[r] for r in rids] == reference
+    assert_pool_full(llm)
+
+
 def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> None:
     """The padded graph layouts (emulated) change nothing: greedy output equals no-spec, and
     seeded sampled requests repeat the eager speculative run exactly, with per-request k mixing

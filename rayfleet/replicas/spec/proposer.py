@@ -19,13 +19,19 @@ prefill catch-up) and take part in forward 1 alone.
 In steady state forward 1 feeds 1 token per request (the target's correction after a rejection),
 2 (d_k and the bonus token, all accepted) or 3 (after a speculation-off step), so with CUDA graphs
 every forward of a proposal replays one. The host knows every forward's positions and slots in
-advance; only token ids flow from one forward to the next, on the device, so a proposal
-synchronizes with the host once, at the end (see ``_DraftSampling`` for the exception).
+advance; only token ids flow from one forward to the next, on the device, and ``propose``
+returns without waiting for them: the ids are copied to the host behind the last forward, the
+next verification's inputs take them from the device (ModelRunner._prepare), and the host reads
+them (``DraftProposals.resolve``) once that verification is queued. So the host schedules and
+prepares the verification while the draft runs, and the device goes from the draft's last
+forward to the verification without waiting for the host (see ``_DraftSampling`` for the
+exception: penalties read the drafts on the host every forward).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +54,7 @@ from rayfleet.replicas.sampler import (
     reads_history,
 )
 from rayfleet.replicas.spec.rejection import DRAFT_STREAM, HistoryView, stream_seed
-from rayfleet.replicas.transfer import index_tensor, to_device
+from rayfleet.replicas.transfer import PinnedStaging, index_tensor, to_device
 from rayfleet.sampling_params import SamplingParams
 
 # Query lengths of the draft's CUDA graphs: forwards 2..k feed 1 token per request, forward 1 up
@@ -71,7 +77,19 @@ class DraftRequest:
 
 @dataclass
 class DraftProposals:
+    """What one ``propose`` call drew. The ids stay on the device (``drafts``) until
+    ``resolve()``: the next verification reads them from there (ModelRunner._prepare fills its
+    input rows from ``drafts``), so the host need not wait for the draft before it schedules and
+    launches that verification; ``token_ids``, ``timings`` and ``catchup`` are set by
+    ``resolve()``, which waits for the ids' copy to the host."""
+
+    # Request -> its drafts (after resolve()); empty for a proposal that only filled KV.
     token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # [rows * kmax] int64 on the device: draft j + 1 of row r at r * kmax + j.
+    drafts: torch.Tensor | None = None
+    kmax: int = 0
+    rows: dict[str, int] = field(default_factory=dict)  # request -> row in drafts
+    num_spec: dict[str, int] = field(default_factory=dict)  # request -> drafts it proposed
     # [rows, V] distributions the sampled requests' drafts were drawn from (None: all greedy).
     probs: torch.Tensor | None = None
     prob_rows: dict[str, list[int]] = field(default_factory=dict)
@@ -83,6 +101,28 @@ class DraftProposals:
     # (tokens fed, seconds) of a first forward that was a catch-up prefill, on CUDA: the cost
     # model's price of draft catch-up.
     catchup: tuple[int, float] | None = None
+    # What resolve() finishes: the host copy of drafts and the event after it (CUDA), or the
+    # ids already on the host (penalties read them each forward; CPU).
+    _host: torch.Tensor | list[list[int]] | None = None
+    _ready: torch.cuda.Event | None = None
+    _finish_timings: Callable[[], None] | None = None
+    resolved: bool = True
+
+    def resolve(self) -> None:
+        """Wait for the ids on the host (a no-op once done); sets token_ids and the timings."""
+        if self.resolved:
+            return
+        if self._ready is not None:
+            self._ready.synchronize()
+        host = self._host
+        rows = host.view(-1, self.kmax).tolist() if isinstance(host, torch.Tensor) else host
+        assert rows is not None
+        for rid, r in self.rows.items():
+            self.token_ids[rid] = rows[r][: self.num_spec[rid]]
+        if self._finish_timings is not None:
+            self._finish_timings()
+        self._host = self._ready = self._finish_timings = None
+        self.resolved = True
 
 
 class DraftProposer:
@@ -112,6 +152,7 @@ class DraftProposer:
         self._gen = torch.Generator(device=device)
         self._gen.manual_seed(seed ^ DRAFT_STREAM)
         self._row_gen = torch.Generator(device=device)
+        self._ids_out = PinnedStaging(device)  # the drafts' host copies (DraftProposals)
 
     @property
     def bytes_per_block(self) -> int:
@@ -226,20 +267,35 @@ class DraftProposer:
             logits = self.model.compute_logits(hidden)  # [m, V] model dtype
             drafts[:m, j] = sampling.sample(logits, j)
             timer.mark()
-        # The proposal's one synchronization (unless penalties needed the history each forward).
-        host = sampling.history if sampling.history is not None else drafts.tolist()
-        for r, d in zip(drafting, host):
-            out.token_ids[r.request_id] = d[: r.num_spec]
+        out.drafts, out.kmax = drafts.view(-1), kmax
+        for i, r in enumerate(drafting):
+            out.rows[r.request_id] = i
+            out.num_spec[r.request_id] = r.num_spec
         out.probs, out.prob_rows = sampling.probs(drafting)
         steady = num_fed <= 3 * len(reqs)
-        if not steady:
-            first = timer.first()
-            out.catchup = None if first is None else (num_fed, first)
-        per_forward = timer.per_forward(skip_first=not steady)
-        if per_forward is not None:
-            out.timings.append((len(drafting), per_forward))
-        elif steady:
-            out.timings.append((len(drafting), (time.perf_counter() - t0) / kmax))
+        wall = (time.perf_counter() - t0) / kmax  # (the CPU computes synchronously)
+
+        def finish_timings() -> None:  # the events are read once the ids arrived
+            if not steady:
+                first = timer.first()
+                out.catchup = None if first is None else (num_fed, first)
+            per_forward = timer.per_forward(skip_first=not steady)
+            if per_forward is not None:
+                out.timings.append((len(drafting), per_forward))
+            elif steady:
+                out.timings.append((len(drafting), wall))
+
+        out._finish_timings, out.resolved = finish_timings, False
+        if sampling.history is not None:  # penalties read the ids on the host every forward
+            out._host = sampling.history
+        elif self.device.type == "cuda":  # the proposal's one synchronization, deferred
+            host = self._ids_out.take(8 * drafts.numel()).view(torch.int64)[: drafts.numel()]
+            host.copy_(drafts.view(-1), non_blocking=True)
+            out._host, out._ready = host, torch.cuda.Event()
+            out._ready.record()
+            self._ids_out.queued()
+        else:
+            out._host = drafts.view(-1)
         return out
 
 
