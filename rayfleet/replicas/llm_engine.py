@@ -15,7 +15,8 @@ Requests whose sampling reads their generated ids (penalties, logprobs) switch t
 synchronous steps while they run. With a draft model, steps overlap only while the speculation
 policy has speculation paused (SpecPolicy.speculation_paused: its last plan drafted nothing and it
 would not probe next); otherwise the step in flight is drained and steps are synchronous, planning
-and drafting after each.
+and drafting after each. Such a step returns with its drafts still on the device: the next one is
+scheduled and launched while the draft runs, and reads them from there (spec/proposer.py).
 """
 
 from __future__ import annotations

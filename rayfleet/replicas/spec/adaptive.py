@@ -57,9 +57,13 @@ output processing add to it, while a speculation-off step overlaps them with the
 engine reports each steady-state step's wall time (``observe_step``); for a step between two
 speculating plans (it verifies one plan's drafts and proposes the next's) the policy records
 H = wall - T(n_verify) of the one - k * D(m) of the other, in a third curve over the batch
-size (same buckets, medians, interpolation and extrapolation as T and D). Host work does not
-depend on the acceptance rate, so the curve stays valid when acceptance moves; until a bucket is
-measured the curve extrapolates from the batch sizes that were (0 before any).
+size (same buckets, medians, interpolation and extrapolation as T and D). The host work done
+while the draft runs (output processing, scheduling and input staging of the next verification,
+which reads the drafts from the device: spec/proposer.py) is hidden behind the drafts and so
+absent from H; what H holds is the host work between the verification and the first draft
+forward. Host work does not depend on the acceptance rate, so the curve stays valid when
+acceptance moves; until a bucket is measured the curve extrapolates from the batch sizes that
+were (0 before any).
 
 Realized rates. The cost model can misprice (acceptance that is not i.i.d. across positions,
 host work that varies, curves learnt at other contexts), so what speculation really delivers is
