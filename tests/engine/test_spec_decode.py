@@ -274,6 +274,24 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, grap
         assert replays["draft", 2] and replays["draft", 1]
 
 
+def test_penalized_greedy_equals_no_spec(models_dir) -> None:
+    """Repetition and frequency penalties read the drafts on the host every draft forward (the
+    proposal's ids are on the host at once, not deferred): greedy output still equals plain
+    decoding with the same penalties, and a draft equal to the target is always accepted."""
+    target = models_dir["target"]
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=14,
+        ignore_eos=True,
+        repetition_penalty=1.3,
+        frequency_penalty=0.2,
+    )
+    want = [o.token_ids for o in spec_llm(target, None, 0).generate(PROMPTS, params)]
+    outs = spec_llm(target, models_dir["same"], 3).generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == want
+    assert all(o.spec.acceptance_rate == 1.0 for o in outs)
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_drafts_reach_the_next_verification_from_the_device(
     models_dir, reference, graphs: bool
