@@ -1,0 +1,263 @@
+"""Where a speculative step's time goes, at one batch size and a fixed k: host phases and device
+spans per forward.
+
+The synthetic-agreement pair of bench/spec_decode.py (llama-3-8b-shaped target, llama-3.2-1b-shaped
+draft, bf16; ``--draft-quantization fp8`` for the draft) with its draft noise calibrated on the
+shared path to ``--acceptance`` (greedy: argmax agreement). ``--batch`` prompts of
+``--input-len`` random tokens generate ``--output-len`` tokens with exactly ``--k`` drafts per
+step, ``--repeats`` times, alternating with the same target without a draft (tok/s of both).
+
+Then one more run with the engine's, scheduler's, runner's and proposer's methods wrapped: the
+host wall time of each phase per step (medians; a phase that waits for the device includes the
+wait). On CUDA, with greedy sampling, one more under torch.profiler: the kernels up to and
+including each Triton argmax pick form one forward with its sampling (the verification, or one
+draft forward); each forward's device time is split by kernel name, each kernel counted from the
+previous kernel's end to its own end (launches that overlap under PDL are not counted twice),
+and the device's idle time before the forward is reported apart.
+
+    python bench/spec_step_profile.py --batch 1 --k 7          # GPU host, about 1.5 minutes
+    python bench/spec_step_profile.py --tiny --device cpu      # smoke run (host phases only)
+
+JSON to bench/results/spec-step-<gpu>-b<batch>-k<k>[-fp8].json; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import spec_decode as sd  # noqa: E402  (bench/spec_decode.py: the pair, engines and runs)
+from kernels import result_path, run_header  # noqa: E402  (bench/kernels.py)
+
+from rayfleet.replicas.spec.adaptive import FixedSpecPolicy  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--k", type=int, default=7)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--acceptance", type=float, default=0.885, help="shared-path level")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--draft-quantization", choices=["fp8"], default=None)
+    p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
+    p.add_argument("--output-json", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def pair_args(a: argparse.Namespace) -> argparse.Namespace:
+    """The options spec_decode's build_pair / make_engine read."""
+    return argparse.Namespace(
+        device=a.device,
+        tiny=a.tiny,
+        seed=a.seed,
+        input_len=a.input_len,
+        output_len=a.output_len,
+        tau=3.0,
+        rank=256,
+        draft_quantization=a.draft_quantization,
+        cuda_graph_max_batch_size=256,
+    )
+
+
+class HostPhases:
+    """Wall seconds of wrapped methods, one list per phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
+
+    def wrap(self, obj: Any, name: str, phase: str) -> None:
+        fn: Callable[..., Any] = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase].append(time.perf_counter() - t)
+
+        setattr(obj, name, timed)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            phase: {
+                "calls": len(v),
+                "median_ms": statistics.median(v) * 1e3,
+                "mean_ms": statistics.mean(v) * 1e3,
+            }
+            for phase, v in self.seconds.items()
+        }
+
+
+def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]:
+    """Kernels (profiler events, by start) cut after each argmax pick into forwards: each with
+    its kind (verification when it has the target's number of attention launches), device time
+    split by kernel name (from the previous kernel's end), and the idle time before it."""
+    out: list[dict[str, Any]] = []
+    prev_end: float | None = None
+    cur: dict[str, float] = collections.defaultdict(float)
+    attention = 0
+    idle = 0.0
+    for e in events:
+        start, end = e.time_range.start, e.time_range.end
+        if prev_end is None:
+            prev_end = start
+        if not cur:  # a forward's first kernel: the device was idle until it started
+            idle = max(start - prev_end, 0.0)
+            prev_end = max(prev_end, start)
+        cur[e.name[:48]] += max(end - prev_end, 0.0)
+        prev_end = max(prev_end, end)
+        attention += "paged_attention" in e.name
+        if "argmax_pick" in e.name:
+            kind = "verify" if attention >= target_layers else "draft"
+            out.append(
+                {
+                    "kind": kind,
+                    "device_us": sum(cur.values()),
+                    "idle_before_us": idle,
+                    "by_kernel_us": dict(cur),
+                }
+            )
+            cur, attention, idle = collections.defaultdict(float), 0, 0.0
+    return out
+
+
+def summarize(forwards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind of forward (and the first draft forward after a verification, which holds the
+    host's work between the two): count, median device and idle microseconds, and the mean
+    microseconds per kernel name (the 12 largest)."""
+    kinds: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for i, f in enumerate(forwards):
+        kinds[f["kind"]].append(f)
+        if f["kind"] == "draft" and i and forwards[i - 1]["kind"] == "verify":
+            kinds["first draft after a verification"].append(f)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, sel in kinds.items():
+        per_kernel: dict[str, float] = collections.defaultdict(float)
+        for f in sel:
+            for name, us in f["by_kernel_us"].items():
+                per_kernel[name] += us / len(sel)
+        top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+        out[kind] = {
+            "forwards": len(sel),
+            "median_device_us": statistics.median(f["device_us"] for f in sel),
+            "median_idle_before_us": statistics.median(f["idle_before_us"] for f in sel),
+            "mean_us_by_kernel": {name: round(us, 1) for name, us in top},
+        }
+    return out
+
+
+def main() -> None:
+    a = parse_args()
+    pa = pair_args(a)
+    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
+    target, draft, set_sigma, acceptance = sd.build_pair(pa, dtype)
+    greedy = a.temperature == 0.0
+    set_sigma(sd.calibrate(acceptance, a.acceptance, greedy))
+    rng = random.Random(a.seed)
+    vocab = target.arch.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(a.input_len)] for _ in range(a.batch)]
+    base = sd.make_engine(pa, target, None, a.batch, 0)
+    eng = sd.make_engine(pa, target, draft, a.batch, a.k)
+    eng.runner.spec_policy = FixedSpecPolicy(a.k)
+    for e in (base, eng):  # warm-up: graphs, allocator, compiled kernels
+        sd.run_engine(e, prompts, min(32, a.output_len), a.device, a.temperature)
+    off, on, outs = [], [], []
+    for _ in range(a.repeats):
+        off.append(sd.run_engine(base, prompts, a.output_len, a.device, a.temperature)[1])
+        outs, res = sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature)
+        on.append(res)
+    spec = sd._spec_summary(outs)
+
+    phases = HostPhases()
+    r = eng.runner
+    for obj, name, phase in (
+        (eng, "step", "engine.step"),
+        (eng.scheduler, "schedule", "scheduler.schedule"),
+        (eng.scheduler, "update", "scheduler.update"),
+        (eng, "_process", "engine._process (update + outputs)"),
+        (r, "execute", "runner.execute"),
+        (r, "_prepare", "runner._prepare"),
+        (r, "_forward", "runner._forward (launch)"),
+        (r, "_sample", "runner._sample (waits for the verification)"),
+        (r, "_speculate", "runner._speculate"),
+        (r.proposer, "propose", "proposer.propose"),
+        (r.proposer, "_first_forward", "proposer._first_forward"),
+    ):
+        phases.wrap(obj, name, phase)
+    sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature)
+
+    forwards: list[dict[str, Any]] = []
+    if a.device == "cuda" and greedy:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature)
+            torch.cuda.synchronize()
+        kernels = sorted(
+            (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+            key=lambda e: e.time_range.start,
+        )
+        forwards = forward_spans(kernels, target.arch.num_layers)
+
+    gpu = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    by_kind = summarize(forwards)
+    result = {
+        **run_header(gpu, a.tiny),
+        "benchmark": "spec_step_profile",
+        "argv": sys.argv[1:],
+        "pair": "synthetic agreement (bench/spec_decode.py): llama-3-8b-shaped target, "
+        "llama-3.2-1b-shaped draft",
+        "batch": a.batch,
+        "k": a.k,
+        "temperature": a.temperature,
+        "draft_quantization": a.draft_quantization,
+        "off_tok_s": [x["output_tok_s"] for x in off],
+        "spec_tok_s": [x["output_tok_s"] for x in on],
+        "speedup_median": statistics.median(x["output_tok_s"] for x in on)
+        / statistics.median(x["output_tok_s"] for x in off),
+        **spec,
+        "host_phases": phases.summary(),
+        "forwards_by_kind": by_kind,
+        # each forward in order: kind, device us, idle us before it
+        "forwards": [
+            [f["kind"], round(f["device_us"], 1), round(f["idle_before_us"], 1)] for f in forwards
+        ],
+    }
+    tag = f"-b{a.batch}-k{a.k}" + ("-fp8" if a.draft_quantization else "")
+    out = a.output_json or result_path("spec-step", gpu, a.tiny, tag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{gpu} -> {out}")
+    print(
+        f"batch {a.batch}, k {a.k}, T {a.temperature}: speculation {result['speedup_median']:.2f}x "
+        f"(acceptance {spec['acceptance_rate']}, mean accepted length "
+        f"{spec['mean_accepted_length']})"
+    )
+    for phase, v in result["host_phases"].items():
+        print(f"  host {phase:44s} {v['median_ms']:8.3f} ms median ({v['calls']} calls)")
+    for kind, v in by_kind.items():
+        print(
+            f"  device {kind:33s} {v['median_device_us']:8.1f} us median, "
+            f"idle before it {v['median_idle_before_us']:6.1f} us ({v['forwards']} forwards)"
+        )
+
+
+if __name__ == "__main__":
+    main()
