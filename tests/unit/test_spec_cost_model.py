@@ -12,6 +12,7 @@ from rayfleet.replicas.spec.adaptive import (
     AcceptanceTracker,
     AdaptiveSpecPolicy,
     CostCurve,
+    Plan,
     drafts_worth,
     expected_max_normal,
     expected_tokens,
@@ -41,6 +42,38 @@ def test_cost_curve_interpolates_flat_below_along_the_last_segment_above() -> No
     assert curve((8, 0.010))(100) == 0.010  # one point: flat (optimistic: tried, then measured)
     assert curve((1, 0.010), (8, 0.009))(64) == 0.009  # never decreasing
     assert CostCurve()(8) is None
+
+
+def test_sync_overhead_curve_stays_flat_past_its_largest_batch() -> None:
+    """H's samples at small batches are near 0 and noisy once the host's work hides behind the
+    draft (H100: 0.0 ms at 5 requests, 1.6 ms at 8): the slope between two of them would price
+    batch 64 at 32 ms of host work and speculation out of a batch where it wins 1.22x. The
+    policy's H curve is flat above its largest measured batch; T and D keep their slope."""
+    points = ((5, 0.0), (5, 1e-6), (8, 0.0016), (8, 0.0016))
+    slope = curve(*points)
+    flat = CostCurve(extrapolate=False)
+    for n, t in points:
+        flat.observe(n, t)
+    assert slope(64) > 0.02
+    assert flat(64) == pytest.approx(0.0016) and flat(8) == slope(8)
+    assert flat(6) == pytest.approx(slope(6))  # interpolation unchanged
+    policy = AdaptiveSpecPolicy(4)
+    assert not policy.overhead.extrapolate and policy.target.extrapolate
+
+
+def test_a_step_holding_a_draft_catch_up_gives_no_overhead_sample() -> None:
+    """A proposal's catch-up prefill is reported when its ids reach the host, in the step whose
+    wall time holds it; D leaves it out, so that step's H would count it as host work: that
+    step gives no H (or realized-rate) sample, the next one does."""
+    policy = AdaptiveSpecPolicy(4)
+    full = Plan([2] * 64, 1.0, 1.0, verify_s=0.009, draft_s=0.004)
+    policy._prev_full = policy._full = full
+    policy.observe_catchup(8256, 0.034)
+    policy.observe_step(64, 0.047, num_tokens=150)
+    assert not policy.overhead and not policy.realized
+    policy.observe_step(64, 0.0135, num_tokens=150)
+    assert policy.overhead(64) == pytest.approx(0.0005)
+    assert sum(len(w) for w in policy.realized.values()) == 1
 
 
 def test_cost_curve_median_of_recent_samples() -> None:

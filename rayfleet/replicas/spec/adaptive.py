@@ -61,9 +61,12 @@ size (same buckets, medians, interpolation and extrapolation as T and D). The ho
 while the draft runs (output processing, scheduling and input staging of the next verification,
 which reads the drafts from the device: spec/proposer.py) is hidden behind the drafts and so
 absent from H; what H holds is the host work between the verification and the first draft
-forward. Host work does not depend on the acceptance rate, so the curve stays valid when
-acceptance moves; until a bucket is measured the curve extrapolates from the batch sizes that
-were (0 before any).
+forward. A step whose wall holds a draft catch-up (reported with the proposal's ids, in the
+step that waited for them) gives no sample. Host work does not depend on the acceptance rate, so
+the curve stays valid when acceptance moves; until a bucket is measured the curve interpolates
+between the batch sizes that were and stays flat past the largest (0 before any): an
+unmeasured large batch is priced at the largest measured H, tried, and vetoed by its realized
+rate if that was too little.
 
 Realized rates. The cost model can misprice (acceptance that is not i.i.d. across positions,
 host work that varies, curves learnt at other contexts), so what speculation really delivers is
@@ -168,10 +171,16 @@ class CostCurve:
     one plus its trend.
 
     A bucket's first sample is provisional: the second replaces it, since a shape's first run
-    often pays one-off costs (kernel compilation, autotuning, allocator growth)."""
+    often pays one-off costs (kernel compilation, autotuning, allocator growth).
 
-    def __init__(self, window: int = 8) -> None:
+    ``extrapolate=False``: flat above the largest size too (the sync overhead H, whose samples
+    at small batches are near 0 and noisy: a slope between two of them, carried to batch 64,
+    priced speculation out of batches it wins at; a flat H lets that batch be measured, and
+    realized rates veto a loss)."""
+
+    def __init__(self, window: int = 8, *, extrapolate: bool = True) -> None:
         self.window = window
+        self.extrapolate = extrapolate
         self._samples: dict[int, deque[tuple[int, float]]] = {}
         self._counts: dict[int, int] = {}
         self._sorted: list[tuple[float, float]] | None = None  # points by size, rebuilt lazily
@@ -220,8 +229,8 @@ class CostCurve:
         if size <= pts[0][0]:
             return pts[0][1]
         if size >= pts[-1][0]:
-            if len(pts) == 1:
-                return pts[0][1]
+            if len(pts) == 1 or not self.extrapolate:
+                return pts[-1][1]
             (x0, y0), (x1, y1) = pts[-2], pts[-1]
             return y1 + max(y1 - y0, 0.0) / (x1 - x0) * (size - x1)
         i = bisect.bisect_left(pts, (size, -math.inf))  # pts[i - 1][0] < size <= pts[i][0]
@@ -576,7 +585,8 @@ class AdaptiveSpecPolicy:
         self.tracker = tracker or AcceptanceTracker()
         self.target = CostCurve()
         self.draft = CostCurve()
-        self.overhead = CostCurve()  # H by batch size (module docstring, "Sync overhead")
+        # H by batch size (module docstring, "Sync overhead"); flat past the largest measured
+        self.overhead = CostCurve(extrapolate=False)
         self.min_gain = min_gain
         self.min_samples = min_samples
         self.explore_interval = explore_interval
@@ -622,6 +632,7 @@ class AdaptiveSpecPolicy:
         # None; and the plan before it. A step verifies the one's drafts, proposes the other's.
         self._full: Plan | None = None
         self._prev_full: Plan | None = None
+        self._catchup_in_step = False  # observe_catchup since the last observe_step
         self.last_plan: Plan | None = None
         self.stats = PolicyStats()
 
@@ -789,6 +800,9 @@ class AdaptiveSpecPolicy:
         """Between two full speculating plans: a sample of H and, given the tokens emitted, of
         the realized rate (module docstring)."""
         prev, cur = self._prev_full, self._full
+        if self._catchup_in_step:  # the step's wall holds a draft catch-up that D leaves out
+            self._catchup_in_step = False
+            return
         if prev is not None and cur is not None and seconds > 0:
             h = seconds - prev.verify_s - cur.draft_s
             self.overhead.observe(num_requests, max(h, 1e-6))
@@ -946,7 +960,11 @@ class AdaptiveSpecPolicy:
         self.draft.observe(num_tokens, seconds)
 
     def observe_catchup(self, num_tokens: int, seconds: float) -> None:
+        """A proposal's first forward was a catch-up prefill. Reported when its ids reach the
+        host: in the step whose wall time holds the catch-up, which so gives no H or realized
+        sample (``observe_step``)."""
         self.catchup.observe(num_tokens, seconds)
+        self._catchup_in_step = True
 
     def _catchup(
         self,
