@@ -26,11 +26,16 @@ from rayfleet.sampling_params import SamplingParams
 
 
 class PhaseTimer:
-    """Wraps methods of objects; accumulates wall seconds per phase name."""
+    """Wraps methods of objects; records the wall seconds of each call per phase name while
+    ``enabled``."""
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
+        self.calls: dict[str, list[float]] = {}
         self.enabled = False
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return {phase: sum(v) for phase, v in self.calls.items()}
 
     def wrap(self, obj, name: str, phase: str) -> None:
         fn = getattr(obj, name)
@@ -42,12 +47,12 @@ class PhaseTimer:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t
+                self.calls.setdefault(phase, []).append(time.perf_counter() - t)
 
         setattr(obj, name, timed)
 
     def reset(self) -> None:
-        self.totals = {}
+        self.calls = {}
 
 
 def gpu_kernel_seconds(engine, steps: int, table_path: Path | None) -> float:

@@ -29,8 +29,6 @@ import json
 import random
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spec_decode as sd  # noqa: E402  (bench/spec_decode.py: the pair, engines and runs)
 from kernels import result_path, run_header  # noqa: E402  (bench/kernels.py)
+from profile_step import PhaseTimer  # noqa: E402  (bench/profile_step.py)
 
 from rayfleet.replicas.spec.adaptive import FixedSpecPolicy  # noqa: E402
 
@@ -75,33 +74,16 @@ def pair_args(a: argparse.Namespace) -> argparse.Namespace:
     )
 
 
-class HostPhases:
-    """Wall seconds of wrapped methods, one list per phase name."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
-
-    def wrap(self, obj: Any, name: str, phase: str) -> None:
-        fn: Callable[..., Any] = getattr(obj, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[phase].append(time.perf_counter() - t)
-
-        setattr(obj, name, timed)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {
-            phase: {
-                "calls": len(v),
-                "median_ms": statistics.median(v) * 1e3,
-                "mean_ms": statistics.mean(v) * 1e3,
-            }
-            for phase, v in self.seconds.items()
+def phase_summary(timer: PhaseTimer) -> dict[str, dict[str, float]]:
+    """Calls, median and mean milliseconds per phase."""
+    return {
+        phase: {
+            "calls": len(v),
+            "median_ms": statistics.median(v) * 1e3,
+            "mean_ms": statistics.mean(v) * 1e3,
         }
+        for phase, v in timer.calls.items()
+    }
 
 
 def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]:
@@ -184,7 +166,8 @@ def main() -> None:
         on.append(res)
     spec = sd._spec_summary(outs)
 
-    phases = HostPhases()
+    phases = PhaseTimer()
+    phases.enabled = True
     r = eng.runner
     for obj, name, phase in (
         (eng, "step", "engine.step"),
@@ -233,7 +216,7 @@ def main() -> None:
         "speedup_median": statistics.median(x["output_tok_s"] for x in on)
         / statistics.median(x["output_tok_s"] for x in off),
         **spec,
-        "host_phases": phases.summary(),
+        "host_phases": phase_summary(phases),
         "forwards_by_kind": by_kind,
         # each forward in order: kind, device us, idle us before it
         "forwards": [

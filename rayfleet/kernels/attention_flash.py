@@ -73,12 +73,7 @@ def make_paged_attention(varlen: Callable[..., torch.Tensor]) -> Callable[..., t
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        check_supported(
-            block_size=k_cache.shape[1],
-            dtype=q.dtype,
-            kv_cache_dtype=k_cache.dtype,
-            head_dim=q.shape[-1],
-        )
+        # (check_supported ran at engine start-up: nothing is re-checked per layer and step)
         # [num_seqs + 1] int32 on the device: no host sync, and a CUDA graph replays it.
         cu_k = F.pad(torch.cumsum(meta.seq_lens, 0, dtype=torch.int32), (1, 0))
         window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)

@@ -106,11 +106,16 @@ class DraftProposals:
     _host: torch.Tensor | list[list[int]] | None = None
     _ready: torch.cuda.Event | None = None
     _finish_timings: Callable[[], None] | None = None
-    resolved: bool = True
+
+    @property
+    def resolved(self) -> bool:
+        """Whether token_ids and the timings are set (resolve() has nothing left to do)."""
+        return self._finish_timings is None
 
     def resolve(self) -> None:
         """Wait for the ids on the host (a no-op once done); sets token_ids and the timings."""
-        if self.resolved:
+        finish_timings = self._finish_timings
+        if finish_timings is None:
             return
         if self._ready is not None:
             self._ready.synchronize()
@@ -119,10 +124,8 @@ class DraftProposals:
         assert rows is not None
         for rid, r in self.rows.items():
             self.token_ids[rid] = rows[r][: self.num_spec[rid]]
-        if self._finish_timings is not None:
-            self._finish_timings()
+        finish_timings()
         self._host = self._ready = self._finish_timings = None
-        self.resolved = True
 
 
 class DraftProposer:
@@ -285,7 +288,7 @@ class DraftProposer:
             elif steady:
                 out.timings.append((len(drafting), wall))
 
-        out._finish_timings, out.resolved = finish_timings, False
+        out._finish_timings = finish_timings
         if sampling.history is not None:  # penalties read the ids on the host every forward
             out._host = sampling.history
         elif self.device.type == "cuda":  # the proposal's one synchronization, deferred
