@@ -421,6 +421,14 @@ def _graph_report(eng: Engine) -> dict[str, Any]:
                 "query_lens": {str(q): sizes[-1] for q, sizes in g.sizes_by_q.items()},
                 "memory_bytes": g.memory_bytes,
             }
+    whole = proposer and proposer.proposal_graphs
+    if whole is not None:
+        out["draft_proposals"] = {
+            "graphs": len(whole.graphs),
+            "batch_sizes": whole.sizes,
+            "max_k": whole.max_k,
+            "memory_bytes": whole.memory_bytes,
+        }
     return out
 
 

@@ -29,6 +29,7 @@ import json
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--output-json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one more run under cProfile: the N functions with most own host time",
+    )
     return p.parse_args()
 
 
@@ -84,6 +92,27 @@ def phase_summary(timer: PhaseTimer) -> dict[str, dict[str, float]]:
         }
         for phase, v in timer.calls.items()
     }
+
+
+def host_profile(run: Callable[[], object], top: int) -> list[dict[str, Any]]:
+    """cProfile over ``run()``: the ``top`` functions by own time (ms per call of the run,
+    cumulative ms, calls). cProfile slows the host, so shares matter, not absolute times."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(run)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({name})",
+            "calls": nc,
+            "own_ms": round(tt * 1e3, 2),
+            "cumulative_ms": round(ct * 1e3, 2),
+        }
+        for (file, line, name), (_cc, nc, tt, ct, _callers) in rows
+    ]
 
 
 def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]:
@@ -166,6 +195,13 @@ def main() -> None:
         on.append(res)
     spec = sd._spec_summary(outs)
 
+    profiled = []
+    if a.host_profile:
+        profiled = host_profile(
+            lambda: sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature),
+            a.host_profile,
+        )
+
     phases = PhaseTimer()
     phases.enabled = True
     r = eng.runner
@@ -217,6 +253,7 @@ def main() -> None:
         / statistics.median(x["output_tok_s"] for x in off),
         **spec,
         "host_phases": phase_summary(phases),
+        "host_profile": profiled,
         "forwards_by_kind": by_kind,
         # each forward in order: kind, device us, idle us before it
         "forwards": [
@@ -235,6 +272,11 @@ def main() -> None:
     )
     for phase, v in result["host_phases"].items():
         print(f"  host {phase:44s} {v['median_ms']:8.3f} ms median ({v['calls']} calls)")
+    for row in profiled[:25]:
+        print(
+            f"  cProfile {row['function'][:60]:60s} own {row['own_ms']:8.2f} ms "
+            f"cum {row['cumulative_ms']:8.2f} ms ({row['calls']} calls)"
+        )
     for kind, v in by_kind.items():
         print(
             f"  device {kind:33s} {v['median_device_us']:8.1f} us median, "

@@ -403,8 +403,9 @@ class Engine:
         )
 
     def _capture_draft_graphs(self, proposer: DraftProposer, num_spec: int) -> None:
-        """CUDA: the draft's single-token forwards (all but the first of each proposal) replay
-        decode graphs up to ``cuda_graph_max_batch_size``; on failure the draft runs eagerly."""
+        """CUDA: the draft's forwards replay decode graphs up to ``cuda_graph_max_batch_size``,
+        and whole greedy proposals at small batches one graph each (spec/proposal_graphs.py);
+        on failure the draft runs eagerly."""
         limit = min(self.config.cuda_graph_max_batch_size, self.config.scheduler.max_num_seqs)
         max_len = self.max_model_len + num_spec
         try:
@@ -412,10 +413,14 @@ class Engine:
                 default_capture_sizes(limit),
                 max_blocks_per_seq=-(-max_len // self.config.cache.block_size) + 1,
                 max_seq_len=max_len,
+                proposal_k=num_spec,
             )
         except Exception:  # a capture problem costs speed, never the engine
             logger.exception("draft CUDA graph capture failed; the draft runs eagerly")
-            proposer.graphs = None
+            proposer.graphs = proposer.proposal_graphs = None
+            return
+        self.memory_report["draft_cuda_graph_bytes"] = proposer.graph_memory_bytes
+        logger.info("draft CUDA graphs: %.1f MiB", proposer.graph_memory_bytes / 2**20)
 
     # ---- sizing --------------------------------------------------------------------------------
     def _size_kv_cache(self) -> tuple[int, dict[str, int]]:

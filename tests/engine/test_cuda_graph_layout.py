@@ -9,14 +9,13 @@ for the torch reference attention and the Triton kernel (interpreted on CPU).
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rayfleet.replicas.cuda_graphs import DecodeGraphs, uniform_query_layout
-from rayfleet.replicas.model import MODEL_SHAPES, ForwardBatch, build_random_model
+from rayfleet.replicas.model import ForwardBatch
 from rayfleet.replicas.model.forward import AttentionKernels
 from rayfleet.replicas.runner import allocate_kv_tensors, build_attention_metadata, slot_mapping
 
@@ -41,22 +40,8 @@ def test_layout_puts_real_rows_first_and_pads_contexts() -> None:
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    arch = dataclasses.replace(
-        MODEL_SHAPES["llama-3.2-1b"],
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        vocab_size=97,
-        max_position_embeddings=64,
-        rope_scaling=None,
-        sliding_window_layers=(),
-        tie_word_embeddings=False,
-    )
-    return build_random_model(arch, torch.float32, "cpu", seed=3, max_positions=64)
+def model(tiny_llama) -> torch.nn.Module:
+    return tiny_llama
 
 
 def _owner(model: torch.nn.Module, backend: str) -> SimpleNamespace:

@@ -211,14 +211,24 @@ class RandomSpecPolicy(FixedSpecPolicy):
 
 def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
     """Give target and draft "CUDA graphs" that replay eagerly over the same static buffers and
-    padded layouts (DecodeGraphs emulate mode); returns a live count of replays per
-    (model, query length)."""
+    padded layouts (DecodeGraphs and ProposalGraphs emulate mode); returns a live count of
+    replays per (model, query length), and per ("proposal", k) for whole greedy proposals."""
     eng = llm.engine
-    max_len = eng.max_model_len + eng.runner.num_speculative_tokens
+    k = eng.runner.num_speculative_tokens
+    max_len = eng.max_model_len + k
     blocks = -(-max_len // BS) + 1
     eng.runner.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
-    eng.runner.proposer.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
+    proposer = eng.runner.proposer
+    proposer.enable_cuda_graphs(list(sizes), blocks, max_len, proposal_k=k, emulate=True)
     replays: Counter = Counter()
+    whole = proposer.proposal_graphs
+    run = whole.run
+
+    def counted_run(reqs, key, run=run):
+        replays["proposal", key[2]] += 1
+        return run(reqs, key)
+
+    whole.run = counted_run
     for name, graphs in (("target", eng.runner.graphs), ("draft", eng.runner.proposer.graphs)):
         replay = graphs._replay
 
@@ -271,7 +281,9 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, grap
     assert_pool_full(llm)
     if replays is not None:  # padded verification (q > 1) and draft layouts were exercised
         assert replays["target", 1] and sum(replays[m, q] for m, q in replays if q > 1) > 10
-        assert replays["draft", 2] and replays["draft", 1]
+        # eager proposals (a batch past 8, a catch-up) replay the draft's decode graphs, small
+        # greedy ones a whole-proposal graph
+        assert replays["draft", 1] and any(m == "proposal" for m, _ in replays)
 
 
 def test_penalized_greedy_equals_no_spec(models_dir) -> None:
@@ -325,6 +337,27 @@ def test_drafts_reach_the_next_verification_from_the_device(
     assert pending_steps > 0
     assert [outs[r] for r in rids] == reference
     assert_pool_full(llm)
+
+
+def test_greedy_proposals_replay_whole_proposal_graphs(models_dir, reference) -> None:
+    """With graphs (emulated), a greedy batch of up to 8 requests drafts through one
+    whole-proposal graph per step once the prompts are in the draft's cache (forward 1 feeds 1
+    or 2 tokens), with per-request k mixing 1..4 (shorter rows write the null slot after their
+    last draft); output equals plain greedy decoding."""
+    per_request = {f"req-{i}": k for i, k in enumerate([1, 4, 2, 3])}
+    llm = spec_llm(models_dir["target"], models_dir["partial"], 4, FixedSpecPolicy(4, per_request))
+    replays = emulate_graphs(llm)
+    proposer = llm.engine.runner.proposer
+    proposals = []
+    propose = proposer.propose
+    proposer.propose = lambda reqs: proposals.append(reqs) or propose(reqs)
+    outs = llm.generate(PROMPTS[:4], GREEDY)
+    assert [o.token_ids for o in outs] == reference[:4]
+    assert_pool_full(llm)
+    whole = sum(n for (m, _), n in replays.items() if m == "proposal")
+    steady = [r for r in proposals if max(x.end - x.start for x in r) <= 2]
+    assert whole == len(steady) and whole >= 8
+    assert replays["proposal", 4] > 0
 
 
 def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> None:

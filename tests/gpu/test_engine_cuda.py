@@ -68,3 +68,30 @@ def test_overlapped_scheduling_on_cuda_equals_synchronous(tmp_path: Path) -> Non
     small = [engine(o, num_blocks=25) for o in (False, True)]
     assert _run(small[1], work[-7:]) == _run(small[0], work[-7:])
     assert small[1].scheduler.num_preemptions_total > 0
+
+
+def test_whole_proposal_graphs_keep_self_speculation_exact(tmp_path: Path) -> None:
+    """On CUDA the draft's greedy proposals at batch <= 8 replay captured whole-proposal graphs;
+    with the target as its own draft every draft is accepted (a K/V write to a wrong slot, or a
+    stale static input, shows up as a rejection), and output equals plain greedy decoding."""
+    from rayfleet.replicas.spec.adaptive import FixedSpecPolicy
+
+    target = make_tiny_model(tmp_path / "t", "llama", num_kv_heads=2)
+    kw = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.2, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(str(target), **kw).generate(PROMPTS, params)]
+    llm = LLM(str(target), draft_model=str(target), num_speculative_tokens=5, **kw)
+    graphs = llm.engine.runner.proposer.proposal_graphs
+    assert graphs is not None and len(graphs.graphs) == 4 * 2 * 5  # batch 1/2/4/8, q 1/2, k
+    assert llm.engine.memory_report["draft_cuda_graph_bytes"] > 0
+    runs = []
+    run = graphs.run
+    graphs.run = lambda reqs, key: runs.append(key) or run(reqs, key)
+    # k varies per request (the shorter rows' forwards past their last draft write the null slot)
+    llm.engine.runner.spec_policy = FixedSpecPolicy(
+        5, {f"req-{i}": k for i, k in enumerate([5, 2, 4, 1])}
+    )
+    outs = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == ref
+    assert all(o.spec.num_drafted > 0 and o.spec.acceptance_rate == 1.0 for o in outs)
+    assert len(runs) > 5 and 5 in {k for _, _, k in runs}

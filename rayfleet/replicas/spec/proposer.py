@@ -53,6 +53,7 @@ from rayfleet.replicas.sampler import (
     mask_min_tokens,
     reads_history,
 )
+from rayfleet.replicas.spec.proposal_graphs import ProposalGraphs, eligible
 from rayfleet.replicas.spec.rejection import DRAFT_STREAM, HistoryView, stream_seed
 from rayfleet.replicas.transfer import PinnedStaging, index_tensor, to_device
 from rayfleet.sampling_params import SamplingParams
@@ -150,8 +151,10 @@ class DraftProposer:
         self.attn_kernels = attn_kernels
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # Optional CUDA graphs for the single-token draft forwards (see enable_cuda_graphs).
+        # Optional CUDA graphs for the single-token draft forwards, and for whole greedy
+        # proposals at small batches (see enable_cuda_graphs).
         self.graphs = None
+        self.proposal_graphs: ProposalGraphs | None = None
         self._gen = torch.Generator(device=device)
         self._gen.manual_seed(seed ^ DRAFT_STREAM)
         self._row_gen = torch.Generator(device=device)
@@ -175,12 +178,14 @@ class DraftProposer:
         max_blocks_per_seq: int,
         max_seq_len: int,
         *,
+        proposal_k: int = 0,
         emulate: bool = False,
     ) -> None:
         """Capture graphs for the draft (CUDA; after allocate_kv_cache): the single-token forwards
         2..k of a proposal, and its first forward when it feeds at most 3 tokens per request
-        (``DRAFT_GRAPH_QUERY_LENS``). ``emulate``: no capture, the same padded layouts eagerly
-        (CPU tests)."""
+        (``DRAFT_GRAPH_QUERY_LENS``); with ``proposal_k`` > 0, also whole greedy proposals of up
+        to that many drafts at small batches (spec/proposal_graphs.py). ``emulate``: no capture,
+        the same padded layouts eagerly (CPU tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
             capture_sizes=capture_sizes,
@@ -189,6 +194,23 @@ class DraftProposer:
             query_lens=DRAFT_GRAPH_QUERY_LENS,
             emulate=emulate,
         )
+        self.proposal_graphs = None
+        if proposal_k > 0:
+            graphs = ProposalGraphs(
+                self,
+                capture_sizes=capture_sizes,
+                max_k=proposal_k,
+                max_blocks_per_seq=max_blocks_per_seq,
+                max_seq_len=max_seq_len,
+                emulate=emulate,
+            )
+            if not emulate:
+                graphs.capture()
+            self.proposal_graphs = graphs
+
+    @property
+    def graph_memory_bytes(self) -> int:
+        return sum(g.memory_bytes for g in (self.graphs, self.proposal_graphs) if g is not None)
 
     def _run(
         self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
@@ -241,6 +263,13 @@ class DraftProposer:
         t0 = time.perf_counter()
         timer = _ForwardTimer(self.device)
         timer.mark()
+        graphs = self.proposal_graphs
+        if graphs is not None and eligible(reqs):
+            key = graphs.key(reqs, max(r.num_spec for r in reqs))
+            if key is not None:
+                drafts = graphs.run(reqs, key)
+                timer.mark()
+                return self._finish(out, reqs, drafts, timer, t0, forwards=key[2])
         last_hidden, num_fed = self._first_forward(reqs)
         # Drafting requests by num_spec descending: those still drafting at forward j are a
         # prefix, of length counts[j].
@@ -270,27 +299,54 @@ class DraftProposer:
             logits = self.model.compute_logits(hidden)  # [m, V] model dtype
             drafts[:m, j] = sampling.sample(logits, j)
             timer.mark()
+        out.probs, out.prob_rows = sampling.probs(drafting)
+        return self._finish(
+            out,
+            drafting,
+            drafts,
+            timer,
+            t0,
+            catchup_tokens=None if num_fed <= 3 * len(reqs) else num_fed,
+            history=sampling.history,
+        )
+
+    def _finish(
+        self,
+        out: DraftProposals,
+        drafting: list[DraftRequest],
+        drafts: torch.Tensor,  # [rows, kmax] on the device, row r = drafting[r]
+        timer: _ForwardTimer,
+        t0: float,
+        *,
+        forwards: int = 1,
+        catchup_tokens: int | None = None,
+        history: list[list[int]] | None = None,
+    ) -> DraftProposals:
+        """Fill ``out`` with the drafts (their host copy deferred to ``resolve``) and the
+        timings. ``forwards``: draft forwards per span of ``timer`` (a whole-proposal graph is
+        one span); ``catchup_tokens``: tokens fed by a first forward that was a catch-up
+        prefill (its span is priced apart); ``history``: the ids already on the host."""
+        kmax = drafts.shape[1]
         out.drafts, out.kmax = drafts.view(-1), kmax
         for i, r in enumerate(drafting):
             out.rows[r.request_id] = i
             out.num_spec[r.request_id] = r.num_spec
-        out.probs, out.prob_rows = sampling.probs(drafting)
-        steady = num_fed <= 3 * len(reqs)
+        steady = catchup_tokens is None
         wall = (time.perf_counter() - t0) / kmax  # (the CPU computes synchronously)
 
         def finish_timings() -> None:  # the events are read once the ids arrived
             if not steady:
                 first = timer.first()
-                out.catchup = None if first is None else (num_fed, first)
+                out.catchup = None if first is None else (catchup_tokens, first)
             per_forward = timer.per_forward(skip_first=not steady)
             if per_forward is not None:
-                out.timings.append((len(drafting), per_forward))
+                out.timings.append((len(drafting), per_forward / forwards))
             elif steady:
                 out.timings.append((len(drafting), wall))
 
         out._finish_timings = finish_timings
-        if sampling.history is not None:  # penalties read the ids on the host every forward
-            out._host = sampling.history
+        if history is not None:  # penalties read the ids on the host every forward
+            out._host = history
         elif self.device.type == "cuda":  # the proposal's one synchronization, deferred
             host = self._ids_out.take(8 * drafts.numel()).view(torch.int64)[: drafts.numel()]
             host.copy_(drafts.view(-1), non_blocking=True)

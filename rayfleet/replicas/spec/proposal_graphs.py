@@ -1,0 +1,308 @@
+"""One CUDA graph per greedy draft proposal: all k forwards of the draft, each with its LM head
+and argmax, in a single replay.
+
+At small batches a draft forward is short (about 1 ms for a llama-3.2-1b shape on an H100, 0.9
+with FP8 weights), and replaying it as a decode graph still costs the host a staging kernel,
+the replay, the LM head's and the argmax's launches and the bookkeeping between them for every
+forward: the host, not the device, then sets the pace of the proposal, and the verification
+queued behind it starts late. A proposal of greedy requests has no data-dependent control flow:
+every forward's positions, slots and context lengths are known before the first one runs, and
+only token ids flow from one forward to the next. So the host builds all of them at once, copies
+them into one static buffer, and replays one graph keyed by (padded batch size, first-forward
+query length q, k):
+
+    forward 1     the verified tokens not yet in the draft's cache, 1..q per request, padded to q
+                  (DecodeGraphs' uniform layout: real rows first, seq_len = start + q, padding
+                  rows write the null slot) -> hidden of each request's last real row -> d_1
+    forward j     d_{j-1} at position end + j - 2, one row per request -> d_j      (j = 2 .. k)
+
+Rows of requests proposing fewer than k drafts, and padding requests, run every forward too:
+after their last draft their rows write K/V into the null slot (block 0, never allocated) and
+their outputs are never read, so real rows and the cache outside block 0 see exactly what the
+eager loop gives them.
+
+Only greedy requests without penalties and past their min_tokens take this path (what they draw
+needs no generator state and no host-side history); anything else runs the eager loop of
+``DraftProposer.propose``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet.replicas.runner import slot_mapping
+from rayfleet.replicas.sampler import MIN_TEMPERATURE, argmax_rows, reads_history
+from rayfleet.replicas.transfer import PinnedStaging
+
+logger = logging.getLogger(__name__)
+
+# Batch sizes past which a draft forward's device time covers the host's work per forward, so
+# proposals replay the per-forward decode graphs instead (fewer graphs to capture).
+MAX_BATCH = 8
+# Query lengths of forward 1: the correction after a rejection (1), d_k and the bonus token after
+# a fully accepted run (2). Three (after a speculation-off step) runs the eager loop.
+FIRST_QUERY_LENS = (1, 2)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Offsets into the static int64 input buffer for one (size, q, k) graph. Each field is a
+    (start, length) pair; step arrays are forward-major (forward j's rows at (j - 2) * size)."""
+
+    ids: tuple[int, int]  # [size * q] forward 1's input ids
+    pos: tuple[int, int]  # [size * q] their positions
+    slots: tuple[int, int]  # [size * q] their KV slots
+    seq_lens: tuple[int, int]  # [size] forward 1's context lengths (start + q)
+    last: tuple[int, int]  # [size] each request's last real row in forward 1
+    step_pos: tuple[int, int]  # [(k - 1) * size] forwards 2..k
+    step_slots: tuple[int, int]
+    step_seq_lens: tuple[int, int]
+    table: tuple[int, int]  # [size * width] block tables, 0-padded
+    total: int
+
+    @classmethod
+    def of(cls, size: int, q: int, k: int, width: int) -> _Layout:
+        o = 0
+        fields = {}
+        for name, n in (
+            ("ids", size * q),
+            ("pos", size * q),
+            ("slots", size * q),
+            ("seq_lens", size),
+            ("last", size),
+            ("step_pos", (k - 1) * size),
+            ("step_slots", (k - 1) * size),
+            ("step_seq_lens", (k - 1) * size),
+            ("table", size * width),
+        ):
+            fields[name] = (o, n)
+            o += n
+        return cls(**fields, total=o)
+
+
+def eligible(reqs: Sequence) -> bool:
+    """Whether a proposal's requests (DraftRequests) draw nothing but argmax drafts the graph
+    reproduces: greedy, no history-reading penalties, min_tokens already met, every request
+    drafting (none only filling KV)."""
+    return all(
+        r.num_spec > 0
+        and r.params.temperature < MIN_TEMPERATURE
+        and not reads_history(r.params)
+        and len(r.output_token_ids) >= r.params.min_tokens
+        for r in reqs
+    )
+
+
+class ProposalGraphs:
+    """Graphs of whole greedy proposals, keyed by (padded batch size, q, k); see the module
+    docstring. ``emulate``: nothing captured, the same static buffers and padded layouts run
+    eagerly (CPU tests)."""
+
+    def __init__(
+        self,
+        proposer,
+        *,
+        capture_sizes: Sequence[int],
+        max_k: int,
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        emulate: bool = False,
+    ) -> None:
+        self.model = proposer.model
+        self.kv_caches = proposer.kv_caches
+        self.attn_kernels = proposer.attn_kernels
+        self.block_size = proposer.block_size
+        self.device = proposer.device
+        self.sizes = sorted(s for s in capture_sizes if s <= MAX_BATCH)
+        self.max_k = max_k
+        self.width = max_blocks_per_seq
+        self.max_seq_len = max_seq_len
+        self.emulated = emulate
+        self.keys = [
+            (s, q, k) for s in self.sizes for q in FIRST_QUERY_LENS for k in range(1, max_k + 1)
+        ]
+        dev = self.device
+        cap = max((_Layout.of(s, q, k, self.width).total for s, q, k in self.keys), default=0)
+        # Static inputs every graph reads (its own layout's prefix), and the drafts it writes:
+        # [size, k] row-major in the first size * k entries.
+        self.inputs = torch.zeros(cap, dtype=torch.int64, device=dev)
+        self.drafts = torch.zeros(max(self.sizes, default=0) * max_k, dtype=torch.int64, device=dev)
+        self.qsl = {
+            q: torch.arange(max(self.sizes, default=0) + 1, dtype=torch.int32, device=dev) * q
+            for q in FIRST_QUERY_LENS
+        }
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.memory_bytes = 0
+        self._staging = PinnedStaging(dev)
+
+    def key(self, reqs: Sequence, kmax: int) -> tuple[int, int, int] | None:
+        """The graph that replays this proposal (requests in row order), or None."""
+        if not self.sizes or len(reqs) > self.sizes[-1] or not 1 <= kmax <= self.max_k:
+            return None
+        n = max(r.end - r.start for r in reqs)
+        q = next((q for q in FIRST_QUERY_LENS if q >= n), None)
+        if q is None:
+            return None
+        if any(len(r.block_ids) > self.width for r in reqs):
+            return None
+        # The deepest context any real row reaches: forward 1's padded one, forward k's.
+        if max(max(r.start + q, r.end + kmax - 1) for r in reqs) > self.max_seq_len:
+            return None
+        size = next(s for s in self.sizes if s >= len(reqs))
+        return size, q, kmax
+
+    def _host_inputs(self, reqs: Sequence, size: int, q: int, k: int) -> np.ndarray:
+        """The layout's int64 values for ``reqs`` (rows 0..len(reqs)-1, padding after)."""
+        lay = _Layout.of(size, q, k, self.width)
+        buf = np.zeros(lay.total, dtype=np.int64)
+        bs = self.block_size
+
+        def put(field: tuple[int, int], row: int, values) -> None:
+            buf[field[0] + row : field[0] + row + len(values)] = values
+
+        for i in range(size):
+            blocks: list[int] = []
+            if i < len(reqs):
+                r = reqs[i]
+                start, end, num_spec, blocks = r.start, r.end, r.num_spec, r.block_ids
+                n = end - start
+                put(lay.ids, i * q, r.token_ids[start:end])
+                put(lay.slots, i * q, slot_mapping(blocks, start, end, bs))
+                put(lay.table, i * self.width, blocks)
+            else:  # a padding request: q padding rows, then one per forward, all null slots
+                n, start, end, num_spec = 0, 0, q, 0
+            # padding rows of forward 1 keep positions start + j < start + q (their ids: 0)
+            put(lay.pos, i * q, range(start, start + q))
+            buf[lay.seq_lens[0] + i] = start + q
+            buf[lay.last[0] + i] = i * q + max(n, 1) - 1
+            for j in range(k - 1):  # forward j + 2 feeds d_{j+1} at position end + j
+                p = end + j
+                buf[lay.step_pos[0] + j * size + i] = p
+                buf[lay.step_seq_lens[0] + j * size + i] = p + 1
+                if j + 1 < num_spec:  # else past the request's last draft: the null slot
+                    buf[lay.step_slots[0] + j * size + i] = blocks[p // bs] * bs + p % bs
+        return buf
+
+    def _stage(self, values: np.ndarray) -> None:
+        n = values.shape[0]
+        if self.device.type != "cuda":
+            self.inputs[:n].copy_(torch.from_numpy(values))
+            return
+        host = self._staging.take(8 * n).view(torch.int64)[:n]
+        host.numpy()[:] = values
+        self.inputs[:n].copy_(host, non_blocking=True)
+        self._staging.queued()
+
+    def _meta(
+        self, slots, seq_lens, table, q: int, size: int, seq_lens_cpu: list[int] | None
+    ) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=self.qsl[q][: size + 1],
+            seq_lens=seq_lens,
+            block_tables=table,
+            max_query_len=q,
+            # fixed at capture (the kernels' launch shapes): covers any context a replay sees
+            max_seq_len=self.max_seq_len,
+            query_start_loc_cpu=list(range(0, size * q + 1, q)),
+            # read only by the reference backend (emulation), which sizes its work from it
+            seq_lens_cpu=seq_lens_cpu or [self.max_seq_len] * size,
+        )
+
+    def _body(
+        self, size: int, q: int, k: int, host: np.ndarray | None = None
+    ) -> torch.Tensor:  # [size, k] the drafts
+        """The proposal over the static buffers (what a graph captures). ``host``: the staged
+        values, for the reference backend's host-side context lengths (emulation)."""
+        lay = _Layout.of(size, q, k, self.width)
+        buf = self.inputs
+
+        def get(field: tuple[int, int]) -> torch.Tensor:
+            return buf[field[0] : field[0] + field[1]]
+
+        def cpu(field: tuple[int, int], o: int = 0) -> list[int] | None:
+            return None if host is None else host[field[0] + o : field[0] + o + size].tolist()
+
+        table = get(lay.table).view(size, self.width).to(torch.int32)
+        meta = self._meta(
+            get(lay.slots), get(lay.seq_lens).to(torch.int32), table, q, size, cpu(lay.seq_lens)
+        )
+        batch = self.attn_kernels.batch(meta, self.kv_caches)
+        hidden = self.model(get(lay.ids), get(lay.pos), batch)
+        if q > 1:
+            hidden = hidden.index_select(0, get(lay.last))
+        drafts = self.drafts[: size * k].view(size, k)
+        tokens = argmax_rows(self.model.compute_logits(hidden))
+        drafts[:, 0] = tokens
+        step_pos, step_slots = get(lay.step_pos), get(lay.step_slots)
+        step_seq_lens = get(lay.step_seq_lens).to(torch.int32)
+        for j in range(1, k):
+            o = (j - 1) * size
+            meta = self._meta(
+                step_slots[o : o + size],
+                step_seq_lens[o : o + size],
+                table,
+                1,
+                size,
+                cpu(lay.step_seq_lens, o),
+            )
+            hidden = self.model(
+                tokens, step_pos[o : o + size], self.attn_kernels.batch(meta, self.kv_caches)
+            )
+            tokens = argmax_rows(self.model.compute_logits(hidden))
+            drafts[:, j] = tokens
+        return drafts
+
+    def run(self, reqs: Sequence, key: tuple[int, int, int]) -> torch.Tensor:
+        """Replay the proposal of ``reqs`` (``key`` from ``key()``); returns their drafts
+        [len(reqs), k] int64 on the device (draft j + 1 of request i at [i, j]; past a
+        request's num_spec, values nobody reads). No host synchronization."""
+        size, q, k = key
+        values = self._host_inputs(reqs, size, q, k)
+        self._stage(values)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if not self.emulated:
+                raise KeyError(f"no proposal graph for {key}")
+            self._body(size, q, k, values)
+        else:
+            graph.replay()
+        # A copy: the next proposal overwrites the static drafts while these may still be read.
+        return self.drafts[: size * k].view(size, k)[: len(reqs)].clone()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        free_before = torch.cuda.mem_get_info()[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        # Largest first, so smaller graphs reuse the pool's blocks.
+        for key in sorted(self.keys, key=lambda key: (key[0] * key[1], key[2]), reverse=True):
+            size, q, k = key
+            # All-padding inputs: every write goes to the null block.
+            self._stage(self._host_inputs([], size, q, k))
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: compilation, lazy init, workspaces
+                self._body(size, q, k)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._body(size, q, k)
+            self.graphs[key] = graph
+        for key, graph in self.graphs.items():  # first launch uploads the graph (see DecodeGraphs)
+            self._stage(self._host_inputs([], *key))
+            graph.replay()
+        torch.cuda.synchronize()
+        self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
+        logger.info(
+            "captured %d draft proposal graphs (batch %s, k 1..%d) using %.1f MiB",
+            len(self.graphs),
+            self.sizes,
+            self.max_k,
+            self.memory_bytes / 2**20,
+        )
