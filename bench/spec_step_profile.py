@@ -217,8 +217,14 @@ def main() -> None:
         (r, "_speculate", "runner._speculate"),
         (r.proposer, "propose", "proposer.propose"),
         (r.proposer, "_first_forward", "proposer._first_forward"),
+        (r, "rejection_sampler", "runner.rejection_sampler (waits for the verification)"),
+        (r, "_resolve_drafts", "runner._resolve_drafts (waits for the draft ids)"),
+        (r, "_refresh_draft_flags", "runner._refresh_draft_flags"),
+        (r, "_draft_request", "runner._draft_request"),
     ):
         phases.wrap(obj, name, phase)
+    if r.proposer.proposal_graphs is not None:
+        phases.wrap(r.proposer.proposal_graphs, "run", "proposal_graphs.run")
     sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature)
 
     forwards: list[dict[str, Any]] = []

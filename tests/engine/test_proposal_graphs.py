@@ -114,7 +114,9 @@ def test_graph_proposal_equals_eager_loop(model, backend, contexts, fed, num_spe
     key = graphs.key(reqs, max(num_spec))
     assert key == (1 if len(reqs) == 1 else (2 if len(reqs) == 2 else 4), max(fed), max(num_spec))
     # Stale static inputs, as an earlier replay leaves them: the replay must overwrite them.
+    # (stale table entries past a request's blocks are read only by rows nobody reads)
     graphs.inputs.fill_(TABLES[2][3] * BS + 1)
+    graphs.tables.fill_(TABLES[1][2])
     got = p.propose(reqs)
     got.resolve()
     assert got.token_ids == want.token_ids
@@ -128,11 +130,13 @@ def test_graph_proposal_equals_eager_loop(model, backend, contexts, fed, num_spe
 def test_only_greedy_small_proposals_take_a_graph(model) -> None:
     gen = torch.Generator().manual_seed(0)
     p = _proposer(model, "torch")
-    p.enable_cuda_graphs([1, 2, 4, 8, 16], len(TABLES[0]) + 1, MAX_LEN, proposal_k=3, emulate=True)
+    sizes = [1, 2, MAX_BATCH, 2 * MAX_BATCH]
+    p.enable_cuda_graphs(sizes, len(TABLES[0]) + 1, MAX_LEN, proposal_k=3, emulate=True)
     graphs = p.proposal_graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and MAX_BATCH == 8
+    assert graphs is not None and graphs.sizes == sizes[:3]
     reqs = _requests(gen, [9, 9], [1, 2], [3, 2])
     assert eligible(reqs) and graphs.key(reqs, 3) == (2, 2, 3)
+    assert graphs.key(_requests(gen, [9, 9, 9], [1, 1, 1], [2, 2, 2]), 2) == (MAX_BATCH, 1, 2)
     assert graphs.key(reqs, 4) is None  # more drafts than captured
     assert graphs.key(_requests(gen, [9], [3], [2]), 2) is None  # forward 1 feeds 3 tokens
     assert graphs.key(_requests(gen, [MAX_LEN - 1], [1], [3]), 3) is None  # past max_seq_len

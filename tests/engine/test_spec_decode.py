@@ -340,7 +340,7 @@ def test_drafts_reach_the_next_verification_from_the_device(
 
 
 def test_greedy_proposals_replay_whole_proposal_graphs(models_dir, reference) -> None:
-    """With graphs (emulated), a greedy batch of up to 8 requests drafts through one
+    """With graphs (emulated), a greedy batch of up to 64 requests drafts through one
     whole-proposal graph per step once the prompts are in the draft's cache (forward 1 feeds 1
     or 2 tokens), with per-request k mixing 1..4 (shorter rows write the null slot after their
     last draft); output equals plain greedy decoding."""

@@ -550,7 +550,7 @@ def simulate(
             drafting = [rid for rid in rids if plan[rid]]
             d = h100_like_draft(len(drafting))
             fed = sum(behind[rid] for rid in drafting)
-            if fed <= 3 * len(drafting):
+            if max(behind[rid] for rid in drafting) <= 3:  # else a catch-up (proposer.py)
                 policy.observe_draft(len(drafting), d)
             t += k_next * d + max(fed - 2 * len(drafting), 0) * draft_prefill_per_token
             for rid in drafting:

@@ -1,11 +1,13 @@
 """One CUDA graph per greedy draft proposal: all k forwards of the draft, each with its LM head
 and argmax, in a single replay.
 
-At small batches a draft forward is short (about 1 ms for a llama-3.2-1b shape on an H100, 0.9
-with FP8 weights), and replaying it as a decode graph still costs the host a staging kernel,
-the replay, the LM head's and the argmax's launches and the bookkeeping between them for every
-forward: the host, not the device, then sets the pace of the proposal, and the verification
-queued behind it starts late. A proposal of greedy requests has no data-dependent control flow:
+A draft forward is short (a llama-3.2-1b shape on an H100: 1.1 ms at batch 1, 0.9 with FP8
+weights, 1.7 ms at batch 64), and replaying it as a decode graph still costs the host input
+building, a staging kernel, the replay, the LM head's and the argmax's launches and the sampling
+bookkeeping for every forward, more the larger the batch. That host work sits between the
+verification and the draft's first forward, where the device waits for it (the policy's sync
+overhead H, spec/adaptive.py), and with a fast draft the host, not the device, sets the pace of
+the proposal. A proposal of greedy requests has no data-dependent control flow:
 every forward's positions, slots and context lengths are known before the first one runs, and
 only token ids flow from one forward to the next. So the host builds all of them at once, copies
 them into one static buffer, and replays one graph keyed by (padded batch size, first-forward
@@ -42,9 +44,11 @@ from rayfleet.replicas.transfer import PinnedStaging
 
 logger = logging.getLogger(__name__)
 
-# Batch sizes past which a draft forward's device time covers the host's work per forward, so
-# proposals replay the per-forward decode graphs instead (fewer graphs to capture).
-MAX_BATCH = 8
+# The largest batch whose greedy proposals replay one graph. The host's work per eager draft
+# forward grows with the batch (H100, llama-3.2-1b-shaped draft: a batch-64 proposal of k = 2
+# cost the host 2.6 ms eagerly, and the policy's sync overhead H there 3.3-3.7 ms against 1.6 ms
+# in runs that kept speculating); past it, proposals replay the per-forward decode graphs.
+MAX_BATCH = 64
 # Query lengths of forward 1: the correction after a rejection (1), d_k and the bonus token after
 # a fully accepted run (2). Three (after a speculation-off step) runs the eager loop.
 FIRST_QUERY_LENS = (1, 2)
@@ -52,8 +56,9 @@ FIRST_QUERY_LENS = (1, 2)
 
 @dataclass(frozen=True)
 class _Layout:
-    """Offsets into the static int64 input buffer for one (size, q, k) graph. Each field is a
-    (start, length) pair; step arrays are forward-major (forward j's rows at (j - 2) * size)."""
+    """Offsets into the static int64 input buffer for one (size, q, k) graph (the block tables
+    have their own buffer). Each field is a (start, length) pair; step arrays are forward-major
+    (forward j's rows at (j - 2) * size)."""
 
     ids: tuple[int, int]  # [size * q] forward 1's input ids
     pos: tuple[int, int]  # [size * q] their positions
@@ -63,11 +68,10 @@ class _Layout:
     step_pos: tuple[int, int]  # [(k - 1) * size] forwards 2..k
     step_slots: tuple[int, int]
     step_seq_lens: tuple[int, int]
-    table: tuple[int, int]  # [size * width] block tables, 0-padded
     total: int
 
     @classmethod
-    def of(cls, size: int, q: int, k: int, width: int) -> _Layout:
+    def of(cls, size: int, q: int, k: int) -> _Layout:
         o = 0
         fields = {}
         for name, n in (
@@ -79,7 +83,6 @@ class _Layout:
             ("step_pos", (k - 1) * size),
             ("step_slots", (k - 1) * size),
             ("step_seq_lens", (k - 1) * size),
-            ("table", size * width),
         ):
             fields[name] = (o, n)
             o += n
@@ -128,11 +131,16 @@ class ProposalGraphs:
             (s, q, k) for s in self.sizes for q in FIRST_QUERY_LENS for k in range(1, max_k + 1)
         ]
         dev = self.device
-        cap = max((_Layout.of(s, q, k, self.width).total for s, q, k in self.keys), default=0)
-        # Static inputs every graph reads (its own layout's prefix), and the drafts it writes:
-        # [size, k] row-major in the first size * k entries.
+        cap = max((_Layout.of(s, q, k).total for s, q, k in self.keys), default=0)
+        max_size = max(self.sizes, default=0)
+        # Static inputs every graph reads (its own layout's prefix), the block tables (graph of
+        # size b: the first b rows), and the drafts it writes: [size, k] row-major in the first
+        # size * k entries. A replay copies only its requests' [m, w] corner of the tables: the
+        # entries past it are stale, and read only by rows whose outputs nobody reads (padding
+        # requests, forwards past a request's last draft), which write the null slot.
         self.inputs = torch.zeros(cap, dtype=torch.int64, device=dev)
-        self.drafts = torch.zeros(max(self.sizes, default=0) * max_k, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.drafts = torch.zeros(max_size * max_k, dtype=torch.int64, device=dev)
         self.qsl = {
             q: torch.arange(max(self.sizes, default=0) + 1, dtype=torch.int32, device=dev) * q
             for q in FIRST_QUERY_LENS
@@ -157,46 +165,66 @@ class ProposalGraphs:
         size = next(s for s in self.sizes if s >= len(reqs))
         return size, q, kmax
 
-    def _host_inputs(self, reqs: Sequence, size: int, q: int, k: int) -> np.ndarray:
-        """The layout's int64 values for ``reqs`` (rows 0..len(reqs)-1, padding after)."""
-        lay = _Layout.of(size, q, k, self.width)
+    def _host_inputs(
+        self, reqs: Sequence, size: int, q: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The layout's int64 values for ``reqs`` (rows 0..len(reqs)-1, padding after), and
+        their block tables [len(reqs), longest table] int32 (0-padded)."""
+        lay = _Layout.of(size, q, k)
         buf = np.zeros(lay.total, dtype=np.int64)
         bs = self.block_size
 
-        def put(field: tuple[int, int], row: int, values) -> None:
-            buf[field[0] + row : field[0] + row + len(values)] = values
+        def field(f: tuple[int, int]) -> np.ndarray:
+            return buf[f[0] : f[0] + f[1]]
 
-        for i in range(size):
-            blocks: list[int] = []
-            if i < len(reqs):
-                r = reqs[i]
-                start, end, num_spec, blocks = r.start, r.end, r.num_spec, r.block_ids
-                n = end - start
-                put(lay.ids, i * q, r.token_ids[start:end])
-                put(lay.slots, i * q, slot_mapping(blocks, start, end, bs))
-                put(lay.table, i * self.width, blocks)
-            else:  # a padding request: q padding rows, then one per forward, all null slots
-                n, start, end, num_spec = 0, 0, q, 0
-            # padding rows of forward 1 keep positions start + j < start + q (their ids: 0)
-            put(lay.pos, i * q, range(start, start + q))
-            buf[lay.seq_lens[0] + i] = start + q
-            buf[lay.last[0] + i] = i * q + max(n, 1) - 1
-            for j in range(k - 1):  # forward j + 2 feeds d_{j+1} at position end + j
-                p = end + j
-                buf[lay.step_pos[0] + j * size + i] = p
-                buf[lay.step_seq_lens[0] + j * size + i] = p + 1
-                if j + 1 < num_spec:  # else past the request's last draft: the null slot
-                    buf[lay.step_slots[0] + j * size + i] = blocks[p // bs] * bs + p % bs
-        return buf
+        ids, slots = field(lay.ids), field(lay.slots)
+        # A padding request: q padding rows at positions 0..q-1, then one row per forward at
+        # q, q + 1, ..., every one writing the null slot.
+        start = np.zeros(size, dtype=np.int64)
+        end = np.full(size, q, dtype=np.int64)
+        num_spec = np.zeros(size, dtype=np.int64)
+        fed = np.ones(size, dtype=np.int64)
+        width = max((len(r.block_ids) for r in reqs), default=0)
+        table = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            start[i], end[i], num_spec[i], fed[i] = r.start, r.end, r.num_spec, r.end - r.start
+            ids[i * q : i * q + fed[i]] = r.token_ids[r.start : r.end]
+            slots[i * q : i * q + fed[i]] = slot_mapping(r.block_ids, r.start, r.end, bs)
+            table[i, : len(r.block_ids)] = r.block_ids
+        # forward 1: padding rows of a request keep positions start + j < start + q (ids 0)
+        field(lay.pos)[:] = (start[:, None] + np.arange(q)).ravel()
+        field(lay.seq_lens)[:] = start + q
+        field(lay.last)[:] = np.arange(size) * q + fed - 1
+        if k > 1:  # forward j + 2 feeds d_{j+1} at position end + j: [k - 1, size], j-major
+            pos = end[None, :] + np.arange(k - 1)[:, None]
+            field(lay.step_pos)[:] = pos.ravel()
+            field(lay.step_seq_lens)[:] = (pos + 1).ravel()
+            # a request's drafting forwards stay within its blocks (the scheduler's lookahead);
+            # past its last draft, and for padding requests: the null slot
+            drafting = np.arange(1, k)[:, None] < num_spec[None, :]
+            real = np.flatnonzero(drafting.any(axis=0))
+            step_slots = np.zeros((k - 1, size), dtype=np.int64)
+            if real.size:
+                p = pos[:, real]
+                blocks = table[real[None, :], np.minimum(p // bs, width - 1)].astype(np.int64)
+                step_slots[:, real] = np.where(drafting[:, real], blocks * bs + p % bs, 0)
+            field(lay.step_slots)[:] = step_slots.ravel()
+        return buf, table
 
-    def _stage(self, values: np.ndarray) -> None:
+    def _stage(self, values: np.ndarray, table: np.ndarray) -> None:
         n = values.shape[0]
+        m, w = table.shape
         if self.device.type != "cuda":
             self.inputs[:n].copy_(torch.from_numpy(values))
+            self.tables[:m, :w].copy_(torch.from_numpy(table))
             return
-        host = self._staging.take(8 * n).view(torch.int64)[:n]
-        host.numpy()[:] = values
-        self.inputs[:n].copy_(host, non_blocking=True)
+        host = self._staging.take(8 * n + 4 * m * w)
+        host[: 8 * n].view(torch.int64).numpy()[:] = values
+        self.inputs[:n].copy_(host[: 8 * n].view(torch.int64), non_blocking=True)
+        if m:
+            tab = host[8 * n : 8 * n + 4 * m * w].view(torch.int32).view(m, w)
+            tab.numpy()[:] = table
+            self.tables[:m, :w].copy_(tab, non_blocking=True)
         self._staging.queued()
 
     def _meta(
@@ -220,7 +248,7 @@ class ProposalGraphs:
     ) -> torch.Tensor:  # [size, k] the drafts
         """The proposal over the static buffers (what a graph captures). ``host``: the staged
         values, for the reference backend's host-side context lengths (emulation)."""
-        lay = _Layout.of(size, q, k, self.width)
+        lay = _Layout.of(size, q, k)
         buf = self.inputs
 
         def get(field: tuple[int, int]) -> torch.Tensor:
@@ -229,7 +257,7 @@ class ProposalGraphs:
         def cpu(field: tuple[int, int], o: int = 0) -> list[int] | None:
             return None if host is None else host[field[0] + o : field[0] + o + size].tolist()
 
-        table = get(lay.table).view(size, self.width).to(torch.int32)
+        table = self.tables[:size]
         meta = self._meta(
             get(lay.slots), get(lay.seq_lens).to(torch.int32), table, q, size, cpu(lay.seq_lens)
         )
@@ -264,8 +292,8 @@ class ProposalGraphs:
         [len(reqs), k] int64 on the device (draft j + 1 of request i at [i, j]; past a
         request's num_spec, values nobody reads). No host synchronization."""
         size, q, k = key
-        values = self._host_inputs(reqs, size, q, k)
-        self._stage(values)
+        values, table = self._host_inputs(reqs, size, q, k)
+        self._stage(values, table)
         graph = self.graphs.get(key)
         if graph is None:
             if not self.emulated:
@@ -282,20 +310,23 @@ class ProposalGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         # Largest first, so smaller graphs reuse the pool's blocks.
+        warm: set[tuple[int, int]] = set()
         for key in sorted(self.keys, key=lambda key: (key[0] * key[1], key[2]), reverse=True):
             size, q, k = key
             # All-padding inputs: every write goes to the null block.
-            self._stage(self._host_inputs([], size, q, k))
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compilation, lazy init, workspaces
-                self._body(size, q, k)
-            torch.cuda.current_stream().wait_stream(stream)
+            self._stage(*self._host_inputs([], size, q, k))
+            if (size, q) not in warm:  # the largest k launches every kernel shape of the others
+                warm.add((size, q))
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm-up: compilation, lazy init, workspaces
+                    self._body(size, q, k)
+                torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._body(size, q, k)
             self.graphs[key] = graph
         for key, graph in self.graphs.items():  # first launch uploads the graph (see DecodeGraphs)
-            self._stage(self._host_inputs([], *key))
+            self._stage(*self._host_inputs([], *key))
             graph.replay()
         torch.cuda.synchronize()
         self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)

@@ -97,7 +97,7 @@ class DraftProposals:
     # (drafting requests, seconds per draft forward) for the cost model: on CUDA the mean time
     # between events around each single-token forward (GPU time, or the host's when the GPU
     # waits for it); elsewhere the proposal's wall time over its forwards. A first forward that
-    # was a catch-up prefill (more than 3 tokens per request) is left out.
+    # was a catch-up prefill (a request fed more than 3 tokens) is left out.
     timings: list[tuple[int, float]] = field(default_factory=list)
     # (tokens fed, seconds) of a first forward that was a catch-up prefill, on CUDA: the cost
     # model's price of draft catch-up.
@@ -152,7 +152,7 @@ class DraftProposer:
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Optional CUDA graphs for the single-token draft forwards, and for whole greedy
-        # proposals at small batches (see enable_cuda_graphs).
+        # proposals up to batch 64 (see enable_cuda_graphs).
         self.graphs = None
         self.proposal_graphs: ProposalGraphs | None = None
         self._gen = torch.Generator(device=device)
@@ -184,7 +184,7 @@ class DraftProposer:
         """Capture graphs for the draft (CUDA; after allocate_kv_cache): the single-token forwards
         2..k of a proposal, and its first forward when it feeds at most 3 tokens per request
         (``DRAFT_GRAPH_QUERY_LENS``); with ``proposal_k`` > 0, also whole greedy proposals of up
-        to that many drafts at small batches (spec/proposal_graphs.py). ``emulate``: no capture,
+        to that many drafts up to batch 64 (spec/proposal_graphs.py). ``emulate``: no capture,
         the same padded layouts eagerly (CPU tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
@@ -306,7 +306,9 @@ class DraftProposer:
             drafts,
             timer,
             t0,
-            catchup_tokens=None if num_fed <= 3 * len(reqs) else num_fed,
+            # a request feeding more than 3 tokens (its draft fell behind) makes forward 1 a
+            # catch-up, whose time the per-forward price D must not absorb (nor the step's H)
+            catchup_tokens=None if max(r.end - r.start for r in reqs) <= 3 else num_fed,
             history=sampling.history,
         )
 
