@@ -139,6 +139,7 @@ synchronous step.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -326,13 +327,16 @@ def plan_speculation(
     sizes = [groups[g] for g in gkeys]
     catch = [group_catchup.get(g, 0.0) * catchup_s_per_token for g in gkeys]
     # tokens[i][k]: expected tokens per request of group i with k drafts (k <= its cap).
-    tokens = [[expected_tokens(rate, k) for k in range(cap + 1)] for rate, cap in gkeys]
+    tokens = [list(itertools.accumulate(rate**j for j in range(cap + 1))) for rate, cap in gkeys]
     best: list[int] | None = None
     best_rate = off
     best_times = (0.0, 0.0)
     seen: set[tuple[int, ...]] = set()
     z = expected_max_normal(num_requests)
     mean_rate = sum(n * g[0] for n, g in zip(sizes, gkeys)) / sum(sizes)
+    # Per plan: the draft's time by drafting requests, and the drain bound's steps by k.
+    draft_s: dict[int, float] = {}
+    drain_steps: dict[int, float] = {}
 
     def price(ks: list[int], verify_tokens: int, t_target: float | None = None) -> None:
         nonlocal best, best_rate, best_times
@@ -344,15 +348,19 @@ def plan_speculation(
         num_drafting = sum(n for n, k in zip(sizes, ks) if k)
         if t_target is None:
             t_target = target_time(verify_tokens) or 0.0
-        t_draft = draft_time(num_drafting) or 0.0
+        t_draft = draft_s.get(num_drafting)
+        if t_draft is None:
+            t_draft = draft_s[num_drafting] = draft_time(num_drafting) or 0.0
         t_catchup = sum(c for c, k in zip(catch, ks) if k)
         t_step = t_target + max(ks) * t_draft + overhead + t_catchup
         if drain_tokens > 0 and z > 0.0:
             k = max(ks)
-            e = expected_tokens(mean_rate, k)
-            steps = drain_tokens / e + z * math.sqrt(
-                drain_tokens * tokens_variance(mean_rate, k) / e**3
-            )
+            steps = drain_steps.get(k)
+            if steps is None:
+                e = expected_tokens(mean_rate, k)
+                steps = drain_steps[k] = drain_tokens / e + z * math.sqrt(
+                    drain_tokens * tokens_variance(mean_rate, k) / e**3
+                )
             if steps * t_step * min_gain > drain_tokens * t_off:
                 return  # the batch's last request would finish later than with speculation off
         rate = (num_requests + extra) / t_step
@@ -368,7 +376,14 @@ def plan_speculation(
     # Padded (a verification graph): the target computes k + 1 rows per request whatever each
     # drafts, so for each k and theta, k drafts (capped) for every request whose first draft is
     # worth >= theta. A k whose target time alone loses with every request drafting is skipped.
-    joins = [[drafts_worth(rate, theta, 1) > 0 for rate, _ in gkeys] for theta in THRESHOLDS]
+    # (which groups join, per threshold; distinct and non-empty ones only)
+    joins = [
+        j
+        for j in dict.fromkeys(
+            tuple(drafts_worth(rate, theta, 1) > 0 for rate, _ in gkeys) for theta in THRESHOLDS
+        )
+        if any(j)
+    ]
     for k in range(1, max_padded_k + 1):
         verify_tokens = base_tokens + num_requests * k
         t_target = target_time(verify_tokens) or 0.0

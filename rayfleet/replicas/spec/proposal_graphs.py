@@ -34,7 +34,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
@@ -133,13 +132,18 @@ class ProposalGraphs:
         dev = self.device
         cap = max((_Layout.of(s, q, k).total for s, q, k in self.keys), default=0)
         max_size = max(self.sizes, default=0)
-        # Static inputs every graph reads (its own layout's prefix), the block tables (graph of
-        # size b: the first b rows), and the drafts it writes: [size, k] row-major in the first
-        # size * k entries. A replay copies only its requests' [m, w] corner of the tables: the
-        # entries past it are stale, and read only by rows whose outputs nobody reads (padding
-        # requests, forwards past a request's last draft), which write the null slot.
-        self.inputs = torch.zeros(cap, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        # Static inputs every graph reads, in one byte buffer that a replay fills with one copy:
+        # int64 values at [0, 8 * cap) (a graph reads its own layout's prefix), then the block
+        # tables, int32 [max_size, width] (a graph of size b reads the first b rows). A replay
+        # writes its requests' rows only: the rows past them are stale, and read only by
+        # padding requests, whose outputs nobody reads and whose K/V go to the null slot.
+        self._tables_at = 8 * cap
+        self._static = torch.zeros(
+            self._tables_at + 4 * max_size * self.width, dtype=torch.uint8, device=dev
+        )
+        self.inputs = self._static[: self._tables_at].view(torch.int64)
+        self.tables = self._static[self._tables_at :].view(torch.int32).view(max_size, self.width)
+        # The drafts a graph writes: [size, k] row-major in the first size * k entries.
         self.drafts = torch.zeros(max_size * max_k, dtype=torch.int64, device=dev)
         self.qsl = {
             q: torch.arange(max(self.sizes, default=0) + 1, dtype=torch.int32, device=dev) * q
@@ -165,66 +169,69 @@ class ProposalGraphs:
         size = next(s for s in self.sizes if s >= len(reqs))
         return size, q, kmax
 
-    def _host_inputs(
-        self, reqs: Sequence, size: int, q: int, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The layout's int64 values for ``reqs`` (rows 0..len(reqs)-1, padding after), and
-        their block tables [len(reqs), longest table] int32 (0-padded)."""
-        lay = _Layout.of(size, q, k)
-        buf = np.zeros(lay.total, dtype=np.int64)
+    def _host_inputs(self, reqs: Sequence, size: int, q: int, k: int) -> list[int]:
+        """The layout's int64 values for ``reqs`` (rows 0..len(reqs)-1, padding after). Plain
+        lists: at these sizes (tens to a few thousand values) numpy's per-call cost dominates."""
         bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        last: list[int] = []
+        step_pos = [[] for _ in range(k - 1)]  # type: list[list[int]]
+        step_slots = [[] for _ in range(k - 1)]  # type: list[list[int]]
+        pad = [0] * q
+        for i in range(size):
+            if i < len(reqs):
+                r = reqs[i]
+                start, end, blocks = r.start, r.end, r.block_ids
+                n = end - start
+                ids += r.token_ids[start:end]
+                ids += pad[n:]
+                slots += slot_mapping(blocks, start, end, bs)
+                slots += pad[n:]  # padding rows write the null slot
+                # forwards 2..k: rows past the request's last draft write the null slot (the
+                # drafting ones stay within its blocks: the scheduler's lookahead)
+                drafting = r.num_spec - 1
+            else:  # a padding request: q padding rows at 0..q-1, then one row per forward
+                start, end, n, blocks = 0, q, 1, ()
+                ids += pad
+                slots += pad
+                drafting = 0
+            # forward 1's padding rows keep positions start + j < start + q (context start + q)
+            pos += range(start, start + q)
+            seq_lens.append(start + q)
+            last.append(i * q + n - 1)
+            for j in range(k - 1):  # forward j + 2 feeds d_{j+1} at position end + j
+                p = end + j
+                step_pos[j].append(p)
+                step_slots[j].append(blocks[p // bs] * bs + p % bs if j < drafting else 0)
+        out = ids + pos + slots + seq_lens + last
+        for rows in step_pos:
+            out += rows
+        for rows in step_slots:
+            out += rows
+        for rows in step_pos:
+            out += [p + 1 for p in rows]
+        return out
 
-        def field(f: tuple[int, int]) -> np.ndarray:
-            return buf[f[0] : f[0] + f[1]]
-
-        ids, slots = field(lay.ids), field(lay.slots)
-        # A padding request: q padding rows at positions 0..q-1, then one row per forward at
-        # q, q + 1, ..., every one writing the null slot.
-        start = np.zeros(size, dtype=np.int64)
-        end = np.full(size, q, dtype=np.int64)
-        num_spec = np.zeros(size, dtype=np.int64)
-        fed = np.ones(size, dtype=np.int64)
-        width = max((len(r.block_ids) for r in reqs), default=0)
-        table = np.zeros((len(reqs), width), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            start[i], end[i], num_spec[i], fed[i] = r.start, r.end, r.num_spec, r.end - r.start
-            ids[i * q : i * q + fed[i]] = r.token_ids[r.start : r.end]
-            slots[i * q : i * q + fed[i]] = slot_mapping(r.block_ids, r.start, r.end, bs)
-            table[i, : len(r.block_ids)] = r.block_ids
-        # forward 1: padding rows of a request keep positions start + j < start + q (ids 0)
-        field(lay.pos)[:] = (start[:, None] + np.arange(q)).ravel()
-        field(lay.seq_lens)[:] = start + q
-        field(lay.last)[:] = np.arange(size) * q + fed - 1
-        if k > 1:  # forward j + 2 feeds d_{j+1} at position end + j: [k - 1, size], j-major
-            pos = end[None, :] + np.arange(k - 1)[:, None]
-            field(lay.step_pos)[:] = pos.ravel()
-            field(lay.step_seq_lens)[:] = (pos + 1).ravel()
-            # a request's drafting forwards stay within its blocks (the scheduler's lookahead);
-            # past its last draft, and for padding requests: the null slot
-            drafting = np.arange(1, k)[:, None] < num_spec[None, :]
-            real = np.flatnonzero(drafting.any(axis=0))
-            step_slots = np.zeros((k - 1, size), dtype=np.int64)
-            if real.size:
-                p = pos[:, real]
-                blocks = table[real[None, :], np.minimum(p // bs, width - 1)].astype(np.int64)
-                step_slots[:, real] = np.where(drafting[:, real], blocks * bs + p % bs, 0)
-            field(lay.step_slots)[:] = step_slots.ravel()
-        return buf, table
-
-    def _stage(self, values: np.ndarray, table: np.ndarray) -> None:
-        n = values.shape[0]
-        m, w = table.shape
-        if self.device.type != "cuda":
-            self.inputs[:n].copy_(torch.from_numpy(values))
-            self.tables[:m, :w].copy_(torch.from_numpy(table))
-            return
-        host = self._staging.take(8 * n + 4 * m * w)
-        host[: 8 * n].view(torch.int64).numpy()[:] = values
-        self.inputs[:n].copy_(host[: 8 * n].view(torch.int64), non_blocking=True)
+    def _stage(self, reqs: Sequence, values: list[int]) -> None:
+        """Copy ``values`` (the layout) and the requests' block-table rows into the static
+        inputs: one copy from pinned memory (a plain one on CPU)."""
+        n, m, w = len(values), len(reqs), self.width
+        nbytes = self._tables_at + 4 * m * w
+        host = self._staging.take(nbytes) if self.device.type == "cuda" else None
+        buf = host[:nbytes] if host is not None else torch.zeros(nbytes, dtype=torch.uint8)
+        buf[: 8 * n].view(torch.int64).numpy()[:] = values
         if m:
-            tab = host[8 * n : 8 * n + 4 * m * w].view(torch.int32).view(m, w)
-            tab.numpy()[:] = table
-            self.tables[:m, :w].copy_(tab, non_blocking=True)
+            table = buf[self._tables_at :].view(torch.int32).numpy().reshape(m, w)
+            table.fill(0)
+            for i, r in enumerate(reqs):
+                table[i, : len(r.block_ids)] = r.block_ids
+        if host is None:
+            self._static[:nbytes].copy_(buf)
+            return
+        self._static[:nbytes].copy_(buf, non_blocking=True)
         self._staging.queued()
 
     def _meta(
@@ -244,7 +251,7 @@ class ProposalGraphs:
         )
 
     def _body(
-        self, size: int, q: int, k: int, host: np.ndarray | None = None
+        self, size: int, q: int, k: int, host: list[int] | None = None
     ) -> torch.Tensor:  # [size, k] the drafts
         """The proposal over the static buffers (what a graph captures). ``host``: the staged
         values, for the reference backend's host-side context lengths (emulation)."""
@@ -255,7 +262,7 @@ class ProposalGraphs:
             return buf[field[0] : field[0] + field[1]]
 
         def cpu(field: tuple[int, int], o: int = 0) -> list[int] | None:
-            return None if host is None else host[field[0] + o : field[0] + o + size].tolist()
+            return None if host is None else host[field[0] + o : field[0] + o + size]
 
         table = self.tables[:size]
         meta = self._meta(
@@ -292,8 +299,8 @@ class ProposalGraphs:
         [len(reqs), k] int64 on the device (draft j + 1 of request i at [i, j]; past a
         request's num_spec, values nobody reads). No host synchronization."""
         size, q, k = key
-        values, table = self._host_inputs(reqs, size, q, k)
-        self._stage(values, table)
+        values = self._host_inputs(reqs, size, q, k)
+        self._stage(reqs, values)
         graph = self.graphs.get(key)
         if graph is None:
             if not self.emulated:
@@ -314,7 +321,7 @@ class ProposalGraphs:
         for key in sorted(self.keys, key=lambda key: (key[0] * key[1], key[2]), reverse=True):
             size, q, k = key
             # All-padding inputs: every write goes to the null block.
-            self._stage(*self._host_inputs([], size, q, k))
+            self._stage([], self._host_inputs([], size, q, k))
             if (size, q) not in warm:  # the largest k launches every kernel shape of the others
                 warm.add((size, q))
                 stream.wait_stream(torch.cuda.current_stream())
@@ -326,7 +333,7 @@ class ProposalGraphs:
                 self._body(size, q, k)
             self.graphs[key] = graph
         for key, graph in self.graphs.items():  # first launch uploads the graph (see DecodeGraphs)
-            self._stage(*self._host_inputs([], *key))
+            self._stage([], self._host_inputs([], *key))
             graph.replay()
         torch.cuda.synchronize()
         self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
