@@ -26,6 +26,10 @@ eager loop gives them.
 Only greedy requests without penalties and past their min_tokens take this path (what they draw
 needs no generator state and no host-side history); anything else runs the eager loop of
 ``DraftProposer.propose``.
+
+Cost (H100, llama-3.2-1b-shaped draft, k up to 8, batch sizes 1..64: 128 graphs): 346 MiB of
+device memory (the free-memory drop over the capture; reported as draft_cuda_graph_bytes) and
+about 17 s more engine start-up.
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ FIRST_QUERY_LENS = (1, 2)
 
 @dataclass(frozen=True)
 class _Layout:
-    """Offsets into the static int64 input buffer for one (size, q, k) graph (the block tables
-    have their own buffer). Each field is a (start, length) pair; step arrays are forward-major
-    (forward j's rows at (j - 2) * size)."""
+    """Offsets into the static int64 inputs for one (size, q, k) graph (the block tables follow
+    them in the same byte buffer). Each field is a (start, length) pair; step arrays are
+    forward-major (forward j's rows at (j - 2) * size)."""
 
     ids: tuple[int, int]  # [size * q] forward 1's input ids
     pos: tuple[int, int]  # [size * q] their positions
