@@ -51,6 +51,34 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def static_metadata(
+    slot_mapping: torch.Tensor,  # [b * q] int64
+    query_start_loc: torch.Tensor,  # [b + 1] int32: 0, q, 2q, ...
+    seq_lens: torch.Tensor,  # [b] int32
+    block_tables: torch.Tensor,  # [b, max_blocks] int32
+    q: int,
+    max_seq_len: int,
+    seq_lens_cpu: list[int] | None = None,
+) -> AttentionMetadata:
+    """Attention metadata of b requests computing q tokens each, over a graph's static buffers
+    (DecodeGraphs, spec/proposal_graphs.py)."""
+    b = seq_lens.shape[0]
+    return AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        max_query_len=q,
+        # Host-side bound for kernels' launch shapes: fixed at capture, so it must cover any
+        # context a replay can see.
+        max_seq_len=max_seq_len,
+        query_start_loc_cpu=list(range(0, b * q + 1, q)),
+        # Graphs need no host copy (device-side kernels); emulation passes the real one for the
+        # torch reference backend.
+        seq_lens_cpu=seq_lens_cpu or [max_seq_len] * b,
+    )
+
+
 @dataclass
 class UniformQueryLayout:
     """Where a varlen step's tokens go in the padded [size * q] layout."""
@@ -180,19 +208,14 @@ class DecodeGraphs:
         return graphs
 
     def _batch(self, b: int, q: int, seq_lens_cpu: list[int] | None = None) -> ForwardBatch:
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[: b * q],
-            query_start_loc=self.query_start_loc[q][: b + 1],
-            seq_lens=self.seq_lens[:b],
-            block_tables=self.block_tables[:b],
-            max_query_len=q,
-            # Host-side bound for kernels' launch shapes: fixed at capture, so it must cover any
-            # context a replay can see.
-            max_seq_len=self.max_seq_len,
-            query_start_loc_cpu=list(range(0, b * q + 1, q)),
-            # Graphs need no host copy (device-side kernels); emulation passes the real one
-            # for the torch reference backend.
-            seq_lens_cpu=seq_lens_cpu or [self.max_seq_len] * b,
+        meta = static_metadata(
+            self.slot_mapping[: b * q],
+            self.query_start_loc[q][: b + 1],
+            self.seq_lens[:b],
+            self.block_tables[:b],
+            q,
+            self.max_seq_len,
+            seq_lens_cpu,
         )
         return self.attn_kernels.batch(meta, self.kv_caches)
 

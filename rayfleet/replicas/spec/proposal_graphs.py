@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayfleet.kernels.attention_ref import AttentionMetadata
+from rayfleet.replicas.cuda_graphs import static_metadata
 from rayfleet.replicas.runner import slot_mapping
 from rayfleet.replicas.sampler import MIN_TEMPERATURE, argmax_rows, reads_history
 from rayfleet.replicas.transfer import PinnedStaging
@@ -238,22 +238,6 @@ class ProposalGraphs:
         self._static[:nbytes].copy_(buf, non_blocking=True)
         self._staging.queued()
 
-    def _meta(
-        self, slots, seq_lens, table, q: int, size: int, seq_lens_cpu: list[int] | None
-    ) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=slots,
-            query_start_loc=self.qsl[q][: size + 1],
-            seq_lens=seq_lens,
-            block_tables=table,
-            max_query_len=q,
-            # fixed at capture (the kernels' launch shapes): covers any context a replay sees
-            max_seq_len=self.max_seq_len,
-            query_start_loc_cpu=list(range(0, size * q + 1, q)),
-            # read only by the reference backend (emulation), which sizes its work from it
-            seq_lens_cpu=seq_lens_cpu or [self.max_seq_len] * size,
-        )
-
     def _body(
         self, size: int, q: int, k: int, host: list[int] | None = None
     ) -> torch.Tensor:  # [size, k] the drafts
@@ -269,8 +253,14 @@ class ProposalGraphs:
             return None if host is None else host[field[0] + o : field[0] + o + size]
 
         table = self.tables[:size]
-        meta = self._meta(
-            get(lay.slots), get(lay.seq_lens).to(torch.int32), table, q, size, cpu(lay.seq_lens)
+        meta = static_metadata(
+            get(lay.slots),
+            self.qsl[q][: size + 1],
+            get(lay.seq_lens).to(torch.int32),
+            table,
+            q,
+            self.max_seq_len,
+            cpu(lay.seq_lens),
         )
         batch = self.attn_kernels.batch(meta, self.kv_caches)
         hidden = self.model(get(lay.ids), get(lay.pos), batch)
@@ -283,12 +273,13 @@ class ProposalGraphs:
         step_seq_lens = get(lay.step_seq_lens).to(torch.int32)
         for j in range(1, k):
             o = (j - 1) * size
-            meta = self._meta(
+            meta = static_metadata(
                 step_slots[o : o + size],
+                self.qsl[1][: size + 1],
                 step_seq_lens[o : o + size],
                 table,
                 1,
-                size,
+                self.max_seq_len,
                 cpu(lay.step_seq_lens, o),
             )
             hidden = self.model(
