@@ -1,12 +1,15 @@
 """Small-M GEMV microbenchmark: the fused ``triton_gemv.gemv`` against what it replaces.
 
 For each linear of a llama-3-8b and a llama-3.2-1b decoder layer (and the LM head), at M = 1 and 2
-rows, with the op the decoder runs in front of it (add + RMSNorm before qkv and gate_up,
-SiLU-and-mul before down):
+rows (``--rows``: up to 16), with the op the decoder runs in front of it (add + RMSNorm before qkv
+and gate_up, SiLU-and-mul before down):
 
-- unfused: the Triton norm / SiLU kernel, then ``F.linear`` (cuBLAS), as the model runs at M > 2;
-- gemv: one ``triton_gemv.gemv`` launch with the op fused in, with the shipped configs (or, with
-  ``--sweep``, the best of a config grid, which is how ``triton_gemv._CONFIGS`` was chosen);
+- unfused: the Triton norm / SiLU kernel, then ``F.linear`` (cuBLAS), as the model runs past the
+  GEMV's rows;
+- gemv: one ``triton_gemv.gemv`` call with the op fused in, run by the kernel it picks (``kernel``:
+  the FMA or the tensor-core MMA kernel, or "unfused" where neither takes the rows), with the
+  shipped configs (or, with ``--sweep``, the best of that kernel's config grid, which is how
+  ``triton_gemv._CONFIGS`` and ``_mma_config`` were chosen);
   launched with programmatic dependent launch where the GPU has it (Hopper), as the engine does,
   and once more without (``gemv_no_pdl_us``). Back-to-back launches on different weights are
   what a decode step does, so PDL's overlap of one launch's tail with the next one's weight
@@ -63,6 +66,13 @@ SHAPES = [
 ]
 SMOKE_SHAPES = [("tiny", "qkv", 48, 64, "add_rms_norm"), ("tiny", "down", 32, 96, "silu_and_mul")]
 SWEEP = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048], [4, 8], [2, 4]))
+SWEEP_MMA = [
+    *itertools.product([32, 64, 128], [128, 256, 512], [4], [3, 4]),
+    (128, 256, 8, 3),
+    (128, 128, 8, 4),
+    (16, 512, 4, 4),
+    (16, 256, 4, 6),
+]
 
 
 def timed_ms(fn: Callable[[], Any], device: str) -> float:
@@ -122,16 +132,23 @@ def one(
     no_pdl_ms = timed_ms(fused, device) / copies
     del os.environ["RAYFLEET_PDL"]
     triton_ops._pdl_device.cache_clear()
-    configs = SWEEP if sweep else [None]
+    kernel = triton_gemv.kernel_for(m, n, triton_gemv._PROLOGUE_IDS[pro], DTYPE, fp8)
+    configs: list[Any] = [None]
+    if sweep and kernel == "fma":
+        configs = [c for c in SWEEP if c[0] * c[1] * m <= 32768]
+    elif sweep and kernel == "mma":
+        configs = SWEEP_MMA
     best: tuple[float, Any] | None = None
     for cfg in configs:
-        if cfg is not None and cfg[0] * cfg[1] * m > 32768:
+        triton_gemv._CONFIG_OVERRIDE = cfg if kernel == "fma" else None
+        triton_gemv._MMA_CONFIG_OVERRIDE = cfg if kernel == "mma" else None
+        try:
+            ms = timed_ms(fused, device) / copies
+        except triton.runtime.errors.OutOfResources:  # a config past the SM's shared memory
             continue
-        triton_gemv._CONFIG_OVERRIDE = cfg
-        ms = timed_ms(fused, device) / copies
         if best is None or ms < best[0]:
             best = (ms, cfg)
-    triton_gemv._CONFIG_OVERRIDE = None
+    triton_gemv._CONFIG_OVERRIDE = triton_gemv._MMA_CONFIG_OVERRIDE = None
     assert best is not None
     nbytes = n * k * itemsize
     return {
@@ -142,6 +159,7 @@ def one(
         "n": n,
         "k": k,
         "prologue": pro,
+        "kernel": kernel,
         "weight_mb": nbytes / 1e6,
         "unfused_us": unfused_ms * 1e3,
         "gemv_us": best[0] * 1e3,
@@ -159,6 +177,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/)")
     ap.add_argument("--fp8", action="store_true", help="FP8 weights with per-row scales")
     ap.add_argument("--models", default="8b,1b", help="model shapes to run (8b, 1b)")
+    ap.add_argument("--rows", default="1,2", help="row counts M to run (1-16)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
@@ -168,10 +187,11 @@ def main() -> None:
     copy_gbs = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 20)
     models = set(args.models.split(","))
     shapes = SMOKE_SHAPES if args.smoke else [s for s in SHAPES if s[0] in models]
-    rows = [one(*shape, m, device, args.sweep, args.fp8) for m in (1, 2) for shape in shapes]
+    ms = [int(m) for m in args.rows.split(",")]
+    rows = [one(*shape, m, device, args.sweep, args.fp8) for m in ms for shape in shapes]
     per_layer = {}
     for model in sorted({r["model"] for r in rows}):
-        for m in (1, 2):
+        for m in ms:
             sel = [r for r in rows if r["model"] == model and r["m"] == m]
             per_layer[f"{model}-m{m}"] = {
                 key: sum(r[key] for r in sel if r["layer"] != "lm_head")
@@ -184,13 +204,18 @@ def main() -> None:
         "decoder_layer_linears_us": per_layer,
     }
     tag = ("-fp8" if args.fp8 else "") + ("-sweep" if args.sweep else "")
+    tag += "" if args.rows == "1,2" else "-rows" + args.rows.replace(",", "-")
     out = args.out or result_path("gemv", gpu, args.smoke, tag)
     write_result(out, result, gpu, copy_gbs)
-    print("model layer   M      N      K  prologue    unfused us  no-PDL us  gemv us  GB/s  %copy")
+    print(
+        "model layer   M      N      K  prologue     kernel  unfused us  no-PDL us  gemv us  GB/s"
+        "  %copy"
+    )
     for r in rows:
         print(
             f"{r['model']:5} {r['layer']:8} {r['m']:2d} {r['n']:6d} {r['k']:6d}  "
-            f"{r['prologue']:12} {r['unfused_us']:10.1f} {r['gemv_no_pdl_us']:10.1f} "
+            f"{r['prologue']:12} {r['kernel']:7} {r['unfused_us']:10.1f} "
+            f"{r['gemv_no_pdl_us']:10.1f} "
             f"{r['gemv_us']:8.1f} {r['gemv_gb_per_s']:5.0f} "
             f"{100 * r['gemv_gb_per_s'] / copy_gbs:6.1f}  {r['config']}"
         )

@@ -24,15 +24,35 @@ g * that to the model dtype); in fp32 only the summation order differs. A second
 first would cost each of the thousands of programs a dependent read of the row before its weight
 stream starts, which measured 10% of a decode step. Accumulation is fp32 in a [BLOCK_M, BLOCK_N,
 BLOCK_K] register tile reduced once at the end.
+
+``_gemv_kernel`` computes it two ways (a constexpr); ``gemv`` picks one per call (``kernel_for``):
+
+- FMA (``MMA=False``): fp32 multiply-adds in registers, 1-2 rows. Exact up to summation order
+  in fp32; the only kernel for fp32 models and, at one row, the fastest for 16-bit weights.
+- MMA (``MMA=True``, tensor cores): the rows padded to 16 and the product one ``tl.dot`` per
+  K chunk, y^T[BLOCK_N, 16] += W[BLOCK_N, BLOCK_K] @ a^T[BLOCK_K, 16]. Weights in the model
+  dtype go in as they are; an FP8 weight widens exactly to fp16 (one cvt per two weights, where
+  the FMA kernel spends two conversions per weight and is bound by them: 1.57 T weights/s on
+  the H100 whatever the tile, 1.6 TB/s of FP8), with the input scaled by 2^-8 into fp16's range
+  (|a| < 1.6e7). The input a is rounded once to the operand dtype (for the RMS prologues,
+  g * h before the rstd scaling). 16-bit models, 2-16 rows, and FP8 weights of wide layers.
+  A SiLU-and-mul prologue (the down projection) is computed on all 16 padded rows of every
+  program, 16x the FMA kernel's prologue work per weight chunk: there it loses 2x to the SiLU
+  kernel + cuBLAS, which ``gemv`` runs instead for 16-bit rows past the first.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from rayfleet.kernels import register
+from rayfleet import kernels
+from rayfleet.kernels import fp8_linear, register
 from rayfleet.kernels.ops_ref import PROLOGUES
 from rayfleet.kernels.triton_ops import (  # triton_ops also registers the references first
     gdc_launch_dependents,
@@ -42,7 +62,11 @@ from rayfleet.kernels.triton_ops import (  # triton_ops also registers the refer
 )
 
 NONE, RMS, ADD_RMS, SILU_MUL = 0, 1, 2, 3
-MAX_M = 2  # rows the kernel takes
+MAX_M = 2  # rows the FMA kernel takes
+MMA_M = 16  # rows the MMA kernel takes (one tensor-core tile)
+# FP8 weights: the MMA kernel needs this many output rows (one program per 32-64 of them) to beat
+# the FMA kernel; qkv, o and down of a llama-3.2-1b layer (N <= 3072) stay on the FMA kernel.
+MMA_MIN_N_FP8 = 8192
 
 
 @triton.jit
@@ -83,8 +107,8 @@ def _prologue_chunk(
 
 @triton.jit
 def _accumulate(
-    acc,  # [BLOCK_M, BLOCK_N, BLOCK_K] fp32
-    sq,  # [BLOCK_M, BLOCK_K] fp32
+    acc,  # MMA: [BLOCK_N, BLOCK_M] (y^T); FMA: [BLOCK_M, BLOCK_N, BLOCK_K]; fp32
+    sq,  # MMA: [BLOCK_M]; FMA: [BLOCK_M, BLOCK_K]; fp32
     w,  # [BLOCK_N, BLOCK_K] this chunk of the weight rows
     k0,
     ks,
@@ -101,6 +125,10 @@ def _accumulate(
     stride_nrm,
     PROLOGUE: tl.constexpr,
     DT: tl.constexpr,
+    MMA: tl.constexpr,
+    OP: tl.constexpr,
+    A_SCALE: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     cols = k0 + ks
     k_mask = cols < K
@@ -114,9 +142,19 @@ def _accumulate(
                 h.to(DT),
                 mask=row_mask[:, None] & k_mask[None, :],
             )
-    acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        sq += h * h
+    if MMA:
+        a = round_to(a * A_SCALE, OP)  # [BLOCK_M, BLOCK_K]: the product's input, rounded once
+        wo = w.to(OP)
+        if EMULATE:  # the CPU interpreter's dot mishandles bf16: the same products in fp32
+            acc = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(wo, tl.trans(a), acc)
+        if PROLOGUE == 1 or PROLOGUE == 2:
+            sq += tl.sum(h * h, 1)
+    else:
+        acc += a[:, None, :] * w.to(tl.float32)[None, :, :]
+        if PROLOGUE == 1 or PROLOGUE == 2:
+            sq += h * h
     return acc, sq
 
 
@@ -142,13 +180,19 @@ def _gemv_kernel(
     PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # MMA: 16, rows past M masked to 0
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    MMA: tl.constexpr,  # tensor cores (a 16-bit model dtype); FMA otherwise
+    EMULATE: tl.constexpr,  # MMA under the CPU interpreter
 ):
     pid = tl.program_id(0)
     DT: tl.constexpr = y_ptr.dtype.element_ty
+    # MMA: an FP8 weight widens exactly to fp16; the input goes in scaled by 2^-8 (exact), the
+    # product is scaled back with the weight's row scale.
+    OP: tl.constexpr = tl.float16 if HAS_SCALE else DT
+    A_SCALE: tl.constexpr = 0.00390625 if HAS_SCALE else 1.0
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < M
     ks = tl.arange(0, BLOCK_K)
@@ -157,8 +201,13 @@ def _gemv_kernel(
 
     # One pass over K: the product and, for the RMS prologues, each row's sum of squares; the
     # row's rstd scales the finished dot product (rms_norm(h) . w = rstd * ((g * h) . w)).
-    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # FMA accumulates in a register tile reduced once at the end; MMA in the dot's tile.
+    if MMA:
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     w_rows = w_ptr + n_offs[:, None].to(tl.int64) * stride_wn
     # The first weight chunk is read before waiting for the previous kernel (PDL): weights are
     # never written, and the reads fill the bandwidth that kernel's last wave leaves idle.
@@ -185,6 +234,10 @@ def _gemv_kernel(
         stride_nrm,
         PROLOGUE,
         DT,
+        MMA,
+        OP,
+        A_SCALE,
+        EMULATE,
     )
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + ks
@@ -208,10 +261,20 @@ def _gemv_kernel(
             stride_nrm,
             PROLOGUE,
             DT,
+            MMA,
+            OP,
+            A_SCALE,
+            EMULATE,
         )
-    y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
+    if MMA:
+        y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+        if HAS_SCALE:
+            y *= 256.0
+    else:
+        y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
+        sq = tl.sum(sq, 1)
     if PROLOGUE == 1 or PROLOGUE == 2:
-        y *= tl.rsqrt(tl.sum(sq, 1) / K + eps)[:, None]
+        y *= tl.rsqrt(sq / K + eps)[:, None]
     if HAS_SCALE:
         y *= tl.load(s_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -248,6 +311,64 @@ _CONFIGS_FP8: dict[tuple[int, int], tuple[int, int, int, int]] = {
 }
 _CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None  # the microbenchmark's sweep sets this
 
+
+def _mma_config(n: int, fp8: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the MMA kernel: the best per layer of the H100
+    sweep over llama-3-8b (bf16, 1-16 rows) and llama-3.2-1b (FP8, 1-2 rows) shapes
+    (bench/gemv.py --sweep --rows ...); they differ from the runner-up by 1-3%."""
+    if fp8:
+        return (32, 256, 4, 4) if n >= 65536 else (64, 256, 4, 3)
+    return (128, 128, 8, 4) if 16384 <= n < 65536 else (64, 256, 4, 4)
+
+
+_MMA_CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None  # as _CONFIG_OVERRIDE
+
+
+@functools.cache
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_for(m: int, n: int, pid: int, dtype: torch.dtype, fp8: bool) -> str:
+    """Which kernel ``gemv`` runs for m rows of an [n, K] weight: "fma", "mma" or "unfused".
+
+    From bench/gemv.py on the H100: at one row the FMA kernel is 3-10% faster than the MMA
+    kernel for 16-bit weights, at two it loses to cuBLAS (and the MMA kernel wins, 3-19%); a
+    SiLU-and-mul prologue costs the MMA kernel 2x, and 16-bit rows past the first run it
+    unfused. FP8 weights stay on the FMA kernel where they are narrow (MMA_MIN_N_FP8)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half and pid != SILU_MUL and m <= MMA_M and (n >= MMA_MIN_N_FP8 if fp8 else m >= 2):
+        return "mma"
+    if m == 1 or (m <= MAX_M and (fp8 or not half)):
+        return "fma"
+    return "unfused"
+
+
+def _unfused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pid: int,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows neither kernel takes: the prologue's own Triton kernel, then cuBLAS (or fp8_linear's
+    fastest backend), as the layers run them unfused."""
+    new_res = None
+    if pid == RMS:
+        x = kernels.get("rms_norm", "triton")(x, norm_weight, eps)
+    elif pid == ADD_RMS:
+        x, new_res = kernels.get("fused_add_rms_norm", "triton")(x, residual, norm_weight, eps)
+    elif pid == SILU_MUL:
+        x = kernels.get("silu_and_mul", "triton")(x)
+    if weight_scale is None:
+        return F.linear(x, weight, bias), new_res
+    fast = "scaled_mm" if fp8_linear.supported(x.device) else kernels.REFERENCE
+    return kernels.get("fp8_linear", fast)(x, weight, weight_scale, bias), new_res
+
+
 _PROLOGUE_IDS = dict(zip(PROLOGUES, (NONE, RMS, ADD_RMS, SILU_MUL), strict=True))
 
 
@@ -263,12 +384,13 @@ def gemv(
     residual: torch.Tensor | None = None,  # [M, K] ("add_rms_norm")
     weight_scale: torch.Tensor | None = None,  # [N] fp32: weight is float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (y [M, N], residual + x [M, K] or None)
-    """``ops_ref.gemv`` for 1..MAX_M rows; out of place (the inputs are not modified)."""
+    """``ops_ref.gemv`` for 1..MMA_M rows; out of place (the inputs are not modified). The FMA or
+    the MMA kernel by ``kernel_for``, or the prologue's kernel and cuBLAS (``_unfused``)."""
     m = x.shape[0]
     n, k = weight.shape
     pid = _PROLOGUE_IDS[prologue]
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"gemv takes 1..{MAX_M} rows, got {m}")
+    if not 1 <= m <= MMA_M:
+        raise ValueError(f"gemv takes 1..{MMA_M} rows, got {m}")
     if x.shape[1] != (2 * k if pid == SILU_MUL else k):
         raise ValueError(f"input width {x.shape[1]} does not fit weight {tuple(weight.shape)}")
     if weight_scale is not None:
@@ -286,15 +408,24 @@ def gemv(
     if pid in (RMS, ADD_RMS):
         assert norm_weight is not None
         norm_weight = norm_weight.contiguous()
+    kernel_name = kernel_for(m, n, pid, x.dtype, weight_scale is not None)
+    if kernel_name == "unfused":
+        return _unfused(x, weight, bias, pid, norm_weight, eps, residual, weight_scale)
+    mma = kernel_name == "mma"
     new_res = None
     if pid == ADD_RMS:
         assert residual is not None
         residual = residual if residual.stride(-1) == 1 else residual.contiguous()
         new_res = torch.empty(m, k, dtype=x.dtype, device=x.device)  # [M, K]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    block_m = triton.next_power_of_2(m)
-    table = _CONFIGS if weight_scale is None else _CONFIGS_FP8
-    block_n, block_k, warps, stages = _CONFIG_OVERRIDE or table[block_m, pid]
+    if mma:
+        block_m = MMA_M
+        config = _MMA_CONFIG_OVERRIDE or _mma_config(n, weight_scale is not None)
+    else:
+        block_m = triton.next_power_of_2(m)
+        table = _CONFIGS if weight_scale is None else _CONFIGS_FP8
+        config = _CONFIG_OVERRIDE or table[block_m, pid]
+    block_n, block_k, warps, stages = config
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         residual if residual is not None else x,
@@ -321,14 +452,20 @@ def gemv(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=stages,
+        MMA=mma,
+        EMULATE=mma and _interpreted(),
         **pdl_launch(x.device),
     )
     return y, new_res
 
 
-# Rows the model routes here (larger M goes to F.linear): at M = 2 the fused GEMV already loses
-# to norm kernel + cuBLAS on the H100 (bench/gemv.py: 202 vs 173 us per llama-3-8b layer).
+# Rows the model routes here (larger M goes to the layers' own forward). fp32 weights: one row
+# (at two the FMA kernel loses to norm kernel + cuBLAS on the H100, bench/gemv.py: 202 vs 173 us
+# per llama-3-8b layer).
 gemv.max_rows = 1  # type: ignore[attr-defined]
+# 16-bit weights: the MMA kernel's tile. At 2-16 rows it reads a llama-3-8b layer's qkv, o and
+# gate_up weights 3-19% faster than cuBLAS (and the head 9%), the SiLU kernel + cuBLAS run down.
+gemv.max_rows_16bit = MMA_M  # type: ignore[attr-defined]
 # With an FP8 weight the alternative reads the same bytes but quantizes the input first
-# (fp8_linear's scaled_mm), so the GEMV takes every row it has configs for.
+# (fp8_linear's scaled_mm), so the GEMV takes every row the FMA kernel has configs for.
 gemv.max_rows_quantized = MAX_M  # type: ignore[attr-defined]

@@ -65,7 +65,13 @@ SCRIPT = textwrap.dedent(
         for w in (bf, f8):  # FP8 weights (quant/fp8.py) with their row scales
             compile_(G._gemv_kernel, {**gemv, "w_ptr": w, "eps": "fp32"}, {"PROLOGUE": prologue,
                      "HAS_BIAS": True, "HAS_SCALE": w == f8, "BLOCK_M": 1, "BLOCK_N": 8,
-                     "BLOCK_K": 1024, "PDL": True})
+                     "BLOCK_K": 1024, "PDL": True, "MMA": False, "EMULATE": False})
+    for prologue in (1, 2):  # on tensor cores: 16-bit and FP8 weights
+        for w in (bf, f8):
+            compile_(G._gemv_kernel, {**gemv, "w_ptr": w, "eps": "fp32"},
+                     {"PROLOGUE": prologue, "HAS_BIAS": True, "HAS_SCALE": w == f8,
+                      "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "PDL": True, "MMA": True,
+                      "EMULATE": False})
     compile_(T._quantize_rows_fp8_kernel, {"x_ptr": bf, "q_ptr": f8, "s_ptr": "*fp32"},
              {"BLOCK": 4096})
     """
@@ -85,4 +91,4 @@ def test_fp8_and_pdl_kernels_compile_for_sm90(tmp_path: Path) -> None:
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 18
+    assert run.stdout.count("compiled") == 22

@@ -55,10 +55,25 @@ def unrounded_input(x, prologue, kw, new_res) -> torch.Tensor:
     return kw["norm_weight"].float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
 
 
+def assert_within_rounding(y, x, w, b, prologue, kw, new_res, *, input_rounded: bool) -> None:
+    """y (16-bit) is within one rounding of the fp32 product of its unrounded input; where the
+    input is rounded to the model dtype first (the MMA kernel, or the unfused ops), also within
+    that rounding summed over the k products of size |a| |w|."""
+    a = unrounded_input(x, prologue, kw, new_res)
+    exact = F.linear(a, w.float(), _float(b))
+    ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
+    bound = ulp * exact.abs() + 1e-3
+    if input_rounded:
+        bound = bound + ulp * (a.abs() @ w.float().abs().t())
+    err = (y.float() - exact).abs()
+    assert bool((err <= bound).all()), (err - bound).max()
+
+
 def test_registered_beside_reference() -> None:
     assert kernels.backends("gemv")[0] == "torch"  # the reference stays the default
     assert kernels.get("gemv", "triton") is triton_gemv.gemv
     assert triton_gemv.MAX_M == 2 and triton_gemv.gemv.max_rows == 1
+    assert triton_gemv.MMA_M == 16 and triton_gemv.gemv.max_rows_16bit == 16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,7 +95,7 @@ def test_reference_is_the_unfused_layers(dtype: torch.dtype, gen: torch.Generato
 
 
 @pytest.mark.parametrize("prologue", PROLOGUES)
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 3, 9, 16])  # FMA, MMA (16-bit) or unfused rows
 @pytest.mark.parametrize(
     "n,k",
     [(1, 1), (5, 130), (33, 1025), (64, 2048)],  # a 1-wide weight, odd sizes, BLOCK_K + 1, 2 chunks
@@ -89,6 +104,9 @@ def test_reference_is_the_unfused_layers(dtype: torch.dtype, gen: torch.Generato
 def test_matches_reference(
     prologue: str, m: int, n: int, k: int, dtype: torch.dtype, gen: torch.Generator, device: str
 ) -> None:
+    """y against the reference; the new residual bit-equal. In 16 bits the MMA kernel and the
+    unfused ops round the product's input to the model dtype first (for the RMS prologues the
+    FMA and MMA kernels take g * h, before the rstd)."""
     x, w, b, kw = inputs(gen, m, n, k, prologue, dtype, device, bias=(n % 2 == 1))
     saved = [t.clone() for t in (x, w, *kw.values()) if isinstance(t, torch.Tensor)]
     y, new_res = triton_gemv.gemv(x, w, b, prologue=prologue, **kw)
@@ -103,21 +121,80 @@ def test_matches_reference(
     if dtype == torch.float32:
         torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
     else:
-        # y is within one rounding of the fp32 product of its input
-        exact = F.linear(unrounded_input(x, prologue, kw, ref_res), w.float(), _float(b))
-        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-        err = (y.float() - exact).abs()
-        assert bool((err <= ulp * exact.abs() + 1e-3).all()), err.max()
+        kernel = triton_gemv.kernel_for(m, n, triton_gemv._PROLOGUE_IDS[prologue], dtype, False)
+        assert_within_rounding(y, x, w, b, prologue, kw, ref_res, input_rounded=kernel != "fma")
     assert all(
         torch.equal(s, t)
         for s, t in zip(saved, [t for t in (x, w, *kw.values()) if isinstance(t, torch.Tensor)])
     )
 
 
+@pytest.mark.parametrize(
+    "m,dtype,fp8,kernel",
+    [
+        (1, torch.bfloat16, False, "fma"),  # one row: the FMA kernel is faster for 16 bits
+        (2, torch.bfloat16, False, "mma"),
+        (9, torch.float16, False, "mma"),  # a verification of 8 drafts
+        (16, torch.bfloat16, False, "mma"),
+        (2, torch.float32, False, "fma"),  # fp32: the FMA kernel only, up to MAX_M rows
+        (3, torch.float32, False, "unfused"),
+        (1, torch.bfloat16, True, "mma"),  # an FP8 weight of a wide layer (MMA_MIN_N_FP8)
+        (2, torch.float16, True, "mma"),
+        (5, torch.bfloat16, True, "mma"),
+    ],
+)
+def test_which_kernel_takes_the_rows(
+    m: int, dtype: torch.dtype, fp8: bool, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(triton_gemv, "MMA_MIN_N_FP8", 48)
+    add_rms, silu = triton_gemv.ADD_RMS, triton_gemv.SILU_MUL
+    assert triton_gemv.kernel_for(m, 48, add_rms, dtype, fp8) == kernel
+    # a SiLU-and-mul prologue never takes the MMA kernel: 16-bit rows past one run unfused
+    half = dtype != torch.float32
+    with_silu = "fma" if m == 1 or (m <= 2 and (fp8 or not half)) else "unfused"
+    assert triton_gemv.kernel_for(m, 48, silu, dtype, fp8) == with_silu
+    # nor does a narrow FP8 weight
+    narrow = triton_gemv.kernel_for(m, 47, add_rms, dtype, True)
+    assert narrow == ("fma" if m <= triton_gemv.MAX_M else "unfused")
+
+
+@pytest.mark.parametrize("prologue", ["none", "rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("m", [1, 2, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_fp8_weight_matches_reference(
+    prologue: str,
+    m: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wide FP8 weight through the MMA kernel: the weight widened exactly, the input scaled by
+    2^-8 and rounded once to fp16, the product scaled back per row."""
+    from rayfleet.replicas.quant.fp8 import quantize_weight
+
+    n, k = 96, 520
+    monkeypatch.setattr(triton_gemv, "MMA_MIN_N_FP8", n)
+    x, w, b, kw = inputs(gen, m, n, k, prologue, dtype, device, bias=True)
+    if dtype == torch.bfloat16:  # products past fp16's range, inputs within it once scaled down
+        x = x * 300
+    q, scale = quantize_weight(w * (1 + torch.arange(n, device=device)[:, None]))
+    y, new_res = triton_gemv.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    ref_y, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    if prologue == "add_rms_norm":
+        assert torch.equal(new_res, ref_res)
+    a = unrounded_input(x, prologue, kw, ref_res)
+    exact = F.linear(a, q.float()) * scale + b.float()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    bound = ulp * exact.abs() + 2.0**-10 * (a.abs() @ q.float().abs().t()) * scale + 1e-3
+    err = (y.float() - exact).abs()
+    assert torch.isfinite(y).all() and bool((err <= bound).all()), (err - bound).max()
+
+
 def test_rejects_what_it_does_not_take(gen: torch.Generator, device: str) -> None:
     w = rand(gen, 8, 16, dtype=torch.float32, device=device)
-    with pytest.raises(ValueError, match="1..2 rows"):
-        triton_gemv.gemv(rand(gen, 3, 16, dtype=torch.float32, device=device), w)
+    with pytest.raises(ValueError, match="1..16 rows"):
+        triton_gemv.gemv(rand(gen, 17, 16, dtype=torch.float32, device=device), w)
     with pytest.raises(ValueError, match="does not fit weight"):
         triton_gemv.gemv(
             rand(gen, 1, 16, dtype=torch.float32, device=device), w, prologue="silu_and_mul"
@@ -231,8 +308,9 @@ def test_fp8_layers_take_the_gemv_path_up_to_its_row_limit(tmp_path) -> None:
     assert [m.gemv_max_tokens for m in layers] == [triton_gemv.MAX_M] * len(layers)
     assert type(model.lm_head) is Fp8LMHead and model.lm_head.gemv_max_rows == triton_gemv.MAX_M
     assert model.lm_head.gemv_backend == "triton"
-    # on FP8 tensor cores the head's input quantization + cuBLAS beats its GEMV: never routed
+    # with FP8 tensor cores for larger steps, the head's small steps still take the GEMV (its
+    # MMA kernel reads the head's bytes faster than the input's quantization + cuBLAS)
     model.lm_head.fp8_backend = "scaled_mm"
     use_kernel_backend(model, "triton")
-    assert model.lm_head.gemv_max_rows == 0
+    assert model.lm_head.gemv_max_rows == triton_gemv.MAX_M
     assert [m.gemv_max_tokens for m in layers] == [triton_gemv.MAX_M] * len(layers)

@@ -345,17 +345,17 @@ def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
         gemv = kernels.get("gemv", backend)
 
         def rows(m: nn.Module) -> int:  # the most rows m's GEMV path takes
-            return gemv.max_rows if m.weight_scale is None else gemv.max_rows_quantized
+            if m.weight_scale is not None:
+                return gemv.max_rows_quantized
+            if m.weight.dtype in (torch.bfloat16, torch.float16):
+                return getattr(gemv, "max_rows_16bit", gemv.max_rows)
+            return gemv.max_rows
 
         for module in model.modules():
             if type(module) in GEMV_LINEARS:
                 module.gemv_backend = backend
             elif type(module) in GEMV_LM_HEADS:
-                # An FP8 head on FP8 tensor cores skips the GEMV: at 1-2 rows the input's
-                # quantization and cuBLAS take 102 us for llama-3.2-1b's head on the H100, the
-                # GEMV 128-178 (bench/results/gemv-fp8-H100.json).
-                fast = getattr(module, "fp8_backend", None) == "scaled_mm"
-                module.gemv_backend, module.gemv_max_rows = backend, 0 if fast else rows(module)
+                module.gemv_backend, module.gemv_max_rows = backend, rows(module)
             elif hasattr(module, "gemv_max_tokens"):
                 linears = [
                     m
