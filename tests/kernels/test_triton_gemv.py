@@ -314,3 +314,16 @@ def test_fp8_layers_take_the_gemv_path_up_to_its_row_limit(tmp_path) -> None:
     use_kernel_backend(model, "triton")
     assert model.lm_head.gemv_max_rows == triton_gemv.MAX_M
     assert [m.gemv_max_tokens for m in layers] == [triton_gemv.MAX_M] * len(layers)
+
+
+def test_device_context_keeps_the_real_factories(tmp_path) -> None:
+    """The kernels tier patches torch.empty (conftest.poison_empty); torch's device context
+    keeps the set of factories it places, built once: it must hold the real ones, or models
+    loaded later in the same process (tests/gpu after this tier) land on the CPU."""
+    from torch.utils._device import _device_constructors
+
+    from rayfleet.replicas.model.loader import load_model
+    from tests.model_factory import make_tiny_model
+
+    load_model(make_tiny_model(tmp_path / "m", "llama"), dtype=torch.float32, device="cpu")
+    assert not [f for f in _device_constructors() if f.__module__.startswith(("tests", "conftest"))]
