@@ -30,8 +30,9 @@ graph of their q) runs eagerly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -49,6 +50,47 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     if sizes[-1] != max_num_seqs and max_num_seqs > 8:
         sizes.append(max_num_seqs)
     return sizes
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def capture_graphs(
+    keys: Sequence[K],
+    body: Callable[[K], object],
+    prepare: Callable[[K], object],
+    warm_key: Callable[[K], Hashable] = lambda key: key,
+) -> tuple[dict[K, torch.cuda.CUDAGraph], int]:
+    """One CUDA graph of ``body(key)`` per key, in ``keys`` order, all in one memory pool (the
+    largest first lets the others reuse its blocks). ``prepare(key)`` sets the static inputs to
+    values safe to run (every KV write to the null block) before each warm-up, capture and
+    upload. Keys with the same ``warm_key`` share one warm-up (on a side stream: Triton
+    compilation, lazy init, workspace allocation outside the graph). Each graph is launched once
+    after capture: a graph's first launch also uploads it to the device, a cost that would
+    otherwise land on the first step replaying it, and on the cost model's first sample of that
+    step's size (spec/adaptive.py). Returns the graphs and the device bytes they took."""
+    free_before = torch.cuda.mem_get_info()[0]
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    graphs: dict[K, torch.cuda.CUDAGraph] = {}
+    warm: set[Hashable] = set()
+    for key in keys:
+        prepare(key)
+        if warm_key(key) not in warm:
+            warm.add(warm_key(key))
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                body(key)
+            torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body(key)
+        graphs[key] = graph
+    for key, graph in graphs.items():
+        prepare(key)
+        graph.replay()
+    torch.cuda.synchronize()
+    return graphs, max(free_before - torch.cuda.mem_get_info()[0], 0)
 
 
 def static_metadata(
@@ -227,29 +269,15 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        free_before = torch.cuda.mem_get_info()[0]
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        for b, q in self.keys:
-            self.seq_lens.fill_(q)  # sane contexts for the warm-up (replays set their own)
-            # Warm-up outside the graph: Triton compilation, lazy init, workspace allocation.
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._forward(b, q)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.output[: b * q].copy_(self._forward(b, q))
-            self.graphs[b, q] = graph
-        # Launch each graph once now: a graph's first launch also uploads it to the device, a
-        # cost that would otherwise land on the first step replaying it, and on the cost
-        # model's first sample of that step's size (spec/adaptive.py). The static inputs are
-        # the warm-up's: zero slots, so the KV writes go to the null block.
-        for (_, q), graph in self.graphs.items():
-            self.seq_lens.fill_(q)
-            graph.replay()
-        torch.cuda.synchronize()
-        self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
+        def body(key: tuple[int, int]) -> None:
+            b, q = key
+            self.output[: b * q].copy_(self._forward(b, q))
+
+        def prepare(key: tuple[int, int]) -> None:
+            self.seq_lens.fill_(key[1])  # sane contexts (replays set their own); zero slots
+
+        graphs, self.memory_bytes = capture_graphs(list(self.keys), body, prepare)
+        self.graphs.update(graphs)
         logger.info(
             "captured %d CUDA graphs (batch %d..%d, query lengths %s) using %.1f MiB",
             len(self.graphs), self.sizes[0], self.max_size, sorted(self.sizes_by_q),

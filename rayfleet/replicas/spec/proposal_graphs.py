@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayfleet.replicas.cuda_graphs import static_metadata
+from rayfleet.replicas.cuda_graphs import capture_graphs, static_metadata
 from rayfleet.replicas.runner import slot_mapping
 from rayfleet.replicas.sampler import MIN_TEMPERATURE, argmax_rows, reads_history
 from rayfleet.replicas.transfer import PinnedStaging
@@ -308,30 +308,15 @@ class ProposalGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        free_before = torch.cuda.mem_get_info()[0]
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        # Largest first, so smaller graphs reuse the pool's blocks.
-        warm: set[tuple[int, int]] = set()
-        for key in sorted(self.keys, key=lambda key: (key[0] * key[1], key[2]), reverse=True):
-            size, q, k = key
-            # All-padding inputs: every write goes to the null block.
-            self._stage([], self._host_inputs([], size, q, k))
-            if (size, q) not in warm:  # the largest k launches every kernel shape of the others
-                warm.add((size, q))
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):  # warm-up: compilation, lazy init, workspaces
-                    self._body(size, q, k)
-                torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._body(size, q, k)
-            self.graphs[key] = graph
-        for key, graph in self.graphs.items():  # first launch uploads the graph (see DecodeGraphs)
-            self._stage([], self._host_inputs([], *key))
-            graph.replay()
-        torch.cuda.synchronize()
-        self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
+        def prepare(key: tuple[int, int, int]) -> None:
+            self._stage([], self._host_inputs([], *key))  # all padding: writes to the null block
+
+        # Largest first; the largest k of a (batch, q) launches every kernel shape of the others.
+        keys = sorted(self.keys, key=lambda key: (key[0] * key[1], key[2]), reverse=True)
+        graphs, self.memory_bytes = capture_graphs(
+            keys, lambda key: self._body(*key), prepare, warm_key=lambda key: key[:2]
+        )
+        self.graphs.update(graphs)
         logger.info(
             "captured %d draft proposal graphs (batch %s, k 1..%d) using %.1f MiB",
             len(self.graphs),
