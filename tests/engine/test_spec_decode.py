@@ -640,6 +640,43 @@ def test_rejection_sampler_greedy_rule() -> None:
     assert out.token_ids == [[2, 4, 1, 3]] and out.num_accepted == [3]
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_verification_reads_the_device_once(seeded: bool, monkeypatch) -> None:
+    """Unseeded sampled requests are verified with one device-to-host read (accepted counts and
+    the correction/bonus tokens together); a seeded one needs its count first (its resample
+    stream is named by the output position), so two. Tokens and counts agree either way."""
+    from rayfleet.replicas.spec.rejection import SpecRow
+
+    gen = torch.Generator().manual_seed(0)
+    v, ks = 9, [3, 1, 4]
+    logits = torch.randn(sum(k + 1 for k in ks), v, generator=gen)
+    rows = [
+        SpecRow(
+            params=SamplingParams(temperature=1.0, seed=7 if seeded and i == 1 else None),
+            prompt_token_ids=[0],
+            output_token_ids=[1, 2],
+            eos_token_ids=frozenset(),
+            draft_token_ids=torch.randint(0, v, (k,), generator=gen).tolist(),
+        )
+        for i, k in enumerate(ks)
+    ]
+    q = torch.softmax(torch.randn(sum(ks), v, generator=gen), -1)
+    reads = []
+    real = torch.Tensor.tolist
+
+    def tolist(t: torch.Tensor) -> list:
+        if t.dtype != torch.float32:  # the float ones are the uniforms, drawn on the host
+            reads.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    out = RejectionSampler(seed=3)(logits, rows, q)
+    assert len(reads) == (2 if seeded else 1)
+    for r, toks, a in zip(rows, out.token_ids, out.num_accepted):
+        assert 0 <= a <= len(r.draft_token_ids) and toks[:a] == r.draft_token_ids[:a]
+        assert len(toks) == a + 1 and 0 <= toks[-1] < v
+
+
 # ---- distribution
 VOCAB = 12
 

@@ -47,7 +47,7 @@ from rayfleet.replicas.sampler import (
     step_seed,
 )
 from rayfleet.replicas.transfer import index_tensor as _index
-from rayfleet.replicas.transfer import to_device
+from rayfleet.replicas.transfer import to_device, to_device_packed
 from rayfleet.sampling_params import SamplingParams
 
 ACCEPT_STREAM = 1
@@ -213,8 +213,7 @@ class RejectionSampler:
             prows = [
                 row
                 for i in sampled
-                for row in [SamplerRow(rows[i].params, (), (), rows[i].eos_token_ids)]
-                * (ks[i] + 1)
+                for row in [SamplerRow(rows[i].params, (), (), rows[i].eos_token_ids)] * (ks[i] + 1)
             ]
         sub = x if len(t_idx) == x.shape[0] else x[_index(t_idx, device)]
         p = Sampler.sampling_probs(sub, prows)  # [P, V]
@@ -233,33 +232,47 @@ class RejectionSampler:
         q_d = q.gather(1, drafts.unsqueeze(1)).squeeze(1)  # [Q] q_j(d_{j+1}) > 0: d was drawn
         u = to_device(self._uniforms(rows, ks, sampled), torch.float32, device)  # [Q] U[0,1)
         # u < p/q without dividing; p >= q always accepts since u < 1.
-        accept = (u * q_d < p_d).tolist()
-
-        fin_p, fin_q, bonus = [], [], []
-        for s, i in enumerate(sampled):
-            k = ks[i]
-            a = 0
-            while a < k and accept[q_start[s] + a]:
-                a += 1
-            num_accepted[i] = a
-            token_ids[i] = rows[i].draft_token_ids[:a]
-            fin_p.append(p_start[s] + a)
-            fin_q.append(q_start[s] + a if a < k else 0)
-            bonus.append(a == k)
-        p_fin = p[_index(fin_p, device)]  # [S, V]
-        q_fin = q[_index(fin_q, device)]
-        # Bonus rows sample p_k itself: as if q were 0 there.
-        is_bonus = to_device(bonus, torch.bool, device).unsqueeze(1)
-        q_fin = q_fin.masked_fill(is_bonus, 0.0)
+        accept = u * q_d < p_d  # [Q]
+        k_s = [ks[i] for i in sampled]
+        kmax = max(k_s)
+        # [S, kmax]: where each request's accept flags sit in accept, padded with one past its end
+        pad = [
+            qs + j if j < k else len(p_of_draft) for qs, k in zip(q_start, k_s) for j in range(kmax)
+        ]
+        k_t, p0, q0, pad_t = to_device_packed(
+            [(k_s, torch.long), (p_start, torch.long), (q_start, torch.long), (pad, torch.long)],
+            device,
+        )
+        counted: list[int] | None = None
+        if any(rows[i].params.seed is not None for i in sampled):
+            # A seeded race's stream is named by the output position it samples, which the
+            # accepted count decides: count on the host first.
+            flags = accept.tolist()
+            counted = [_leading(flags[qs : qs + k]) for qs, k in zip(q_start, k_s)]
+            a = to_device(counted, torch.long, device)
+        else:
+            # The count stays on the device: the step makes one transfer to the host (counts and
+            # tokens together) instead of two with host work between them.
+            padded = torch.cat((accept, accept.new_zeros(1)))[pad_t].view(len(sampled), kmax)
+            a = padded.long().cumprod(1).sum(1)  # [S] leading accepts
+        bonus = a == k_t  # [S]: every draft accepted
+        p_fin = p[p0 + a]  # [S, V]
+        # Bonus rows sample p_k itself: as if q were 0 there (row 0 of q stands in).
+        q_fin = q[torch.where(bonus, 0, q0 + a)].masked_fill(bonus.unsqueeze(1), 0.0)
         residual = (p_fin - q_fin).clamp_(min=0.0)  # unnormalized max(0, p - q)
         # In exact arithmetic a rejection implies some p(y) > q(y); guard against rounding.
         empty = residual.sum(dim=-1, keepdim=True) <= 0
         residual = torch.where(empty, p_fin, residual)
         # Exponential race picks index y with probability residual[y] / sum(residual).
-        e = self._exponentials(rows, sampled, num_accepted, residual)
-        chosen = argmax_rows(residual / e).tolist()
+        e = self._exponentials(rows, sampled, counted, residual)
+        chosen = argmax_rows(residual / e)
+        if counted is None:
+            counted, picked = torch.stack((a, chosen)).tolist()
+        else:
+            picked = chosen.tolist()
         for s, i in enumerate(sampled):
-            token_ids[i] = token_ids[i] + [chosen[s]]
+            num_accepted[i] = counted[s]
+            token_ids[i] = rows[i].draft_token_ids[: counted[s]] + [picked[s]]
 
     def _uniforms(self, rows: Sequence[SpecRow], ks: list[int], sampled: list[int]) -> list[float]:
         out: list[float] = []
@@ -282,7 +295,7 @@ class RejectionSampler:
         self,
         rows: Sequence[SpecRow],
         sampled: list[int],
-        num_accepted: list[int],
+        num_accepted: list[int] | None,  # per sampled request; read for seeded ones only
         like: torch.Tensor,
     ) -> torch.Tensor:
         device = like.device
@@ -297,10 +310,19 @@ class RejectionSampler:
             if seed is None:
                 continue
             gen = self._gen(device, per_row=True)
-            position = len(rows[i].output_token_ids) + num_accepted[i]
+            assert num_accepted is not None
+            position = len(rows[i].output_token_ids) + num_accepted[s]
             gen.manual_seed(stream_seed(seed, position, RESAMPLE_STREAM))
             e[s].exponential_(generator=gen)
         return e.clamp_(min=torch.finfo(e.dtype).tiny)
+
+
+def _leading(flags: Sequence[bool]) -> int:
+    """How many of ``flags`` are true before the first false."""
+    n = 0
+    while n < len(flags) and flags[n]:
+        n += 1
+    return n
 
 
 def _penalized(row: SpecRow) -> bool:
