@@ -91,6 +91,17 @@ def test_cost_curve_median_of_recent_samples() -> None:
     assert c.count_near(8) == 5
 
 
+def test_one_outlier_beside_one_sample_does_not_set_the_bucket() -> None:
+    """Two samples (after the provisional first): an outlier does not move the bucket to their
+    mean; timing noise only adds time."""
+    h = CostCurve(extrapolate=False)
+    for seconds in (0.002, 0.001, 0.012):  # provisional, then a normal step and a stalled one
+        h.observe(8, seconds)
+    assert h(8) == 0.001
+    h.observe(8, 0.0011)
+    assert h(8) == 0.0011  # three samples: the median
+
+
 def test_expected_tokens_and_drafts_worth() -> None:
     assert expected_tokens(0.5, 0) == 1.0
     assert expected_tokens(0.5, 3) == 1.875
