@@ -33,9 +33,11 @@ BLOCK_K] register tile reduced once at the end.
   K chunk, y^T[BLOCK_N, 16] += W[BLOCK_N, BLOCK_K] @ a^T[BLOCK_K, 16]. Weights in the model
   dtype go in as they are; an FP8 weight widens exactly to fp16 (one cvt per two weights, where
   the FMA kernel spends two conversions per weight and is bound by them: 1.57 T weights/s on
-  the H100 whatever the tile, 1.6 TB/s of FP8), with the input scaled by 2^-8 into fp16's range
-  (|a| < 1.6e7). The input a is rounded once to the operand dtype (for the RMS prologues,
-  g * h before the rstd scaling). 16-bit models, 2-16 rows, and FP8 weights of wide layers.
+  the H100 whatever the tile, 1.6 TB/s of FP8). The input a is rounded once to the operand
+  dtype (for the RMS prologues, g * h before the rstd scaling); an fp16 operand goes in scaled
+  per row and K chunk by a power of two that puts the chunk's largest |a| in [2^14, 2^15), so
+  neither a tiny residual nor one past 65504 loses precision (the partial product is scaled
+  back, exactly). 16-bit models at 2-16 rows, and FP8 weights of wide layers.
   A SiLU-and-mul prologue (the down projection) is computed on all 16 padded rows of every
   program, 16x the FMA kernel's prologue work per weight chunk: there it loses 2x to the SiLU
   kernel + cuBLAS, which ``gemv`` runs instead for 16-bit rows past the first.
@@ -127,7 +129,6 @@ def _accumulate(
     DT: tl.constexpr,
     MMA: tl.constexpr,
     OP: tl.constexpr,
-    A_SCALE: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
     cols = k0 + ks
@@ -143,12 +144,27 @@ def _accumulate(
                 mask=row_mask[:, None] & k_mask[None, :],
             )
     if MMA:
-        a = round_to(a * A_SCALE, OP)  # [BLOCK_M, BLOCK_K]: the product's input, rounded once
-        wo = w.to(OP)
-        if EMULATE:  # the CPU interpreter's dot mishandles bf16: the same products in fp32
-            acc = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
+        wo = w.to(OP)  # [BLOCK_N, BLOCK_K]; FP8 widens exactly to fp16
+        if OP == tl.float16:  # noqa: SIM300  (a compile-time dtype test)
+            # Each row of the chunk scaled by the power of two that puts its largest |a| in
+            # [2^14, 2^15): within fp16's range, at full precision down to 2^-29 of that
+            # largest value (g * h of an un-normalised residual can be tiny or past 65504).
+            amax = tl.max(tl.abs(a), 1)  # [BLOCK_M]
+            e = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased exponent
+            up = ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(141 - e)
+            down = ((e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 141), exact inverse
+            a = round_to(a * up[:, None], OP)  # [BLOCK_M, BLOCK_K], rounded once
+            if EMULATE:
+                part = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)))
+            else:
+                part = tl.dot(wo, tl.trans(a))  # [BLOCK_N, BLOCK_M]
+            acc += part * down[None, :]
         else:
-            acc = tl.dot(wo, tl.trans(a), acc)
+            a = round_to(a, OP)  # [BLOCK_M, BLOCK_K]: the product's input, rounded once
+            if EMULATE:  # the CPU interpreter's dot mishandles bf16: the same products in fp32
+                acc = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(wo, tl.trans(a), acc)
         if PROLOGUE == 1 or PROLOGUE == 2:
             sq += tl.sum(h * h, 1)
     else:
@@ -189,10 +205,9 @@ def _gemv_kernel(
 ):
     pid = tl.program_id(0)
     DT: tl.constexpr = y_ptr.dtype.element_ty
-    # MMA: an FP8 weight widens exactly to fp16; the input goes in scaled by 2^-8 (exact), the
-    # product is scaled back with the weight's row scale.
+    # MMA operand dtype: an FP8 weight widens exactly to fp16 (and the input goes in scaled per
+    # chunk, _accumulate); 16-bit weights go in as they are.
     OP: tl.constexpr = tl.float16 if HAS_SCALE else DT
-    A_SCALE: tl.constexpr = 0.00390625 if HAS_SCALE else 1.0
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < M
     ks = tl.arange(0, BLOCK_K)
@@ -236,7 +251,6 @@ def _gemv_kernel(
         DT,
         MMA,
         OP,
-        A_SCALE,
         EMULATE,
     )
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -263,13 +277,10 @@ def _gemv_kernel(
             DT,
             MMA,
             OP,
-            A_SCALE,
             EMULATE,
         )
     if MMA:
         y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-        if HAS_SCALE:
-            y *= 256.0
     else:
         y = tl.sum(acc, 2)  # [BLOCK_M, BLOCK_N]
         sq = tl.sum(sq, 1)
@@ -365,8 +376,11 @@ def _unfused(
         x = kernels.get("silu_and_mul", "triton")(x)
     if weight_scale is None:
         return F.linear(x, weight, bias), new_res
-    fast = "scaled_mm" if fp8_linear.supported(x.device) else kernels.REFERENCE
-    return kernels.get("fp8_linear", fast)(x, weight, weight_scale, bias), new_res
+    # cuBLAS FP8: a bf16 output, K and N in multiples of 16 (quant/fp8.py checks the same)
+    n, k = weight.shape
+    fast = fp8_linear.supported(x.device) and x.dtype == torch.bfloat16 and n % 16 == k % 16 == 0
+    backend = "scaled_mm" if fast else kernels.REFERENCE
+    return kernels.get("fp8_linear", backend)(x, weight, weight_scale, bias), new_res
 
 
 _PROLOGUE_IDS = dict(zip(PROLOGUES, (NONE, RMS, ADD_RMS, SILU_MUL), strict=True))
@@ -469,3 +483,13 @@ gemv.max_rows_16bit = MMA_M  # type: ignore[attr-defined]
 # With an FP8 weight the alternative reads the same bytes but quantizes the input first
 # (fp8_linear's scaled_mm), so the GEMV takes every row the FMA kernel has configs for.
 gemv.max_rows_quantized = MAX_M  # type: ignore[attr-defined]
+
+
+def _rows_beside_scaled_mm(n: int) -> int:
+    """Rows an FP8 LM head of ``n`` outputs (this rank's) gives the GEMV where FP8 tensor cores
+    take the rest: MAX_M where the MMA kernel reads it (llama-3.2-1b's head: 90 us against 107
+    for the input's quantization + cuBLAS on the H100), none where the FMA kernel would (128)."""
+    return MAX_M if n >= MMA_MIN_N_FP8 else 0
+
+
+gemv.rows_beside_scaled_mm = _rows_beside_scaled_mm  # type: ignore[attr-defined]

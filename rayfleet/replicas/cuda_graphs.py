@@ -63,12 +63,13 @@ def capture_graphs(
 ) -> tuple[dict[K, torch.cuda.CUDAGraph], int]:
     """One CUDA graph of ``body(key)`` per key, in ``keys`` order, all in one memory pool (the
     largest first lets the others reuse its blocks). ``prepare(key)`` sets the static inputs to
-    values safe to run (every KV write to the null block) before each warm-up, capture and
-    upload. Keys with the same ``warm_key`` share one warm-up (on a side stream: Triton
-    compilation, lazy init, workspace allocation outside the graph). Each graph is launched once
-    after capture: a graph's first launch also uploads it to the device, a cost that would
-    otherwise land on the first step replaying it, and on the cost model's first sample of that
-    step's size (spec/adaptive.py). Returns the graphs and the device bytes they took."""
+    values safe to run (every KV write to the null block) before a key's warm-up and capture,
+    and again before its upload. Keys with the same ``warm_key`` share one warm-up (on a side
+    stream: Triton compilation, lazy init, workspace allocation outside the graph). Each graph
+    is launched once after capture: a graph's first launch also uploads it to the device, a
+    cost that would otherwise land on the first step replaying it, and on the cost model's
+    first sample of that step's size (spec/adaptive.py). Returns the graphs and the device
+    bytes they took."""
     free_before = torch.cuda.mem_get_info()[0]
     pool = torch.cuda.graph_pool_handle()
     stream = torch.cuda.Stream()
@@ -280,7 +281,10 @@ class DecodeGraphs:
         self.graphs.update(graphs)
         logger.info(
             "captured %d CUDA graphs (batch %d..%d, query lengths %s) using %.1f MiB",
-            len(self.graphs), self.sizes[0], self.max_size, sorted(self.sizes_by_q),
+            len(self.graphs),
+            self.sizes[0],
+            self.max_size,
+            sorted(self.sizes_by_q),
             self.memory_bytes / 2**20,
         )
 

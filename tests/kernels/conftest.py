@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._device import DeviceContext, _device_constructors
+from torch.utils import _device
+from torch.utils._device import DeviceContext
 
 # ``with torch.device(...)`` places the factories of a set torch builds once and caches. Built
 # while ``poison_empty`` has torch.empty patched, it would hold the patch, and every later
 # ``torch.empty`` (the model loader's weights, in the tiers run after this one in the same
 # process) would ignore the device context: build it now, from the real functions.
-_device_constructors()
+if hasattr(_device, "_device_constructors"):  # private to torch: present in 2.0 through 2.13
+    _device._device_constructors()
 
 
 @pytest.fixture

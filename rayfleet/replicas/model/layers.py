@@ -356,6 +356,10 @@ def use_kernel_backend(model: nn.Module, backend: str) -> list[str]:
                 module.gemv_backend = backend
             elif type(module) in GEMV_LM_HEADS:
                 module.gemv_backend, module.gemv_max_rows = backend, rows(module)
+                beside = getattr(gemv, "rows_beside_scaled_mm", None)
+                if beside and getattr(module, "fp8_backend", None) == "scaled_mm":
+                    # an FP8 head with FP8 tensor cores beside it: the GEMV only where faster
+                    module.gemv_max_rows = min(module.gemv_max_rows, beside(module.weight.shape[0]))
             elif hasattr(module, "gemv_max_tokens"):
                 linears = [
                     m
