@@ -677,6 +677,23 @@ def test_sampled_verification_reads_the_device_once(seeded: bool, monkeypatch) -
         assert len(toks) == a + 1 and 0 <= toks[-1] < v
 
 
+@pytest.mark.parametrize("ks", [[0], [0, 0], [0, 2], [2, 0, 1]])
+def test_sampled_requests_without_drafts_sample_their_bonus_row(ks: list[int]) -> None:
+    """A sampled request verified with no drafts (k = 0) emits one token from the target's row,
+    also when no request in the step drafted (no draft distributions at all)."""
+    from rayfleet.replicas.spec.rejection import SpecRow
+
+    gen = torch.Generator().manual_seed(1)
+    v = 7
+    logits = torch.full((sum(k + 1 for k in ks), v), -30.0)
+    logits[:, 3] = 30.0  # every target row is (numerically) one-hot on token 3
+    rows = [SpecRow(SamplingParams(temperature=1.0), [0], [1], frozenset(), [3] * k) for k in ks]
+    q = torch.softmax(torch.randn(sum(ks), v, generator=gen), -1)
+    out = RejectionSampler(seed=0)(logits, rows, q)
+    assert out.num_accepted == ks  # drafts of token 3 are always accepted
+    assert out.token_ids == [[3] * (k + 1) for k in ks]
+
+
 # ---- distribution
 VOCAB = 12
 

@@ -258,7 +258,10 @@ class RejectionSampler:
         bonus = a == k_t  # [S]: every draft accepted
         p_fin = p[p0 + a]  # [S, V]
         # Bonus rows sample p_k itself: as if q were 0 there (row 0 of q stands in).
-        q_fin = q[torch.where(bonus, 0, q0 + a)].masked_fill(bonus.unsqueeze(1), 0.0)
+        if q.shape[0]:
+            q_fin = q[torch.where(bonus, 0, q0 + a)].masked_fill(bonus.unsqueeze(1), 0.0)
+        else:  # no sampled request drafted (every k is 0): each samples its bonus row
+            q_fin = torch.zeros_like(p_fin)
         residual = (p_fin - q_fin).clamp_(min=0.0)  # unnormalized max(0, p - q)
         # In exact arithmetic a rejection implies some p(y) > q(y); guard against rounding.
         empty = residual.sum(dim=-1, keepdim=True) <= 0
