@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rayfleet import kernels
 from rayfleet.kernels import register
 from rayfleet.kernels.attention_ref import (
     FP8_MAX,
@@ -126,6 +127,29 @@ def rope_write_kv_attention(
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_and_mul")
 
 
+def apply_prologue(
+    x: torch.Tensor,  # [M, K]; [M, 2K] for "silu_and_mul"
+    prologue: str,
+    norm_weight: torch.Tensor | None,  # [K] ("rms_norm", "add_rms_norm")
+    eps: float,
+    residual: torch.Tensor | None,  # [M, K] ("add_rms_norm")
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (prologue(x) [M, K], residual + x or None)
+    """The op ``gemv`` runs in front of its linear, by ``backend``'s kernels: these references
+    for ``gemv`` here, the Triton ones for the rows triton_gemv runs unfused."""
+    if prologue == "rms_norm":
+        assert norm_weight is not None
+        return kernels.get("rms_norm", backend)(x, norm_weight, eps), None
+    if prologue == "add_rms_norm":
+        assert norm_weight is not None and residual is not None
+        return kernels.get("fused_add_rms_norm", backend)(x, residual, norm_weight, eps)
+    if prologue == "silu_and_mul":
+        return kernels.get("silu_and_mul", backend)(x), None
+    if prologue != "none":
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    return x, None
+
+
 @register("gemv", "torch")
 def gemv(
     x: torch.Tensor,  # [M, K]; [M, 2K] for "silu_and_mul"
@@ -141,17 +165,7 @@ def gemv(
     """A linear layer with the op in front of it: ``F.linear(prologue(x), weight, bias)``
     (``fp8_linear`` with a ``weight_scale``). Only "add_rms_norm" returns a second tensor, the
     new residual stream ``residual + x``."""
-    new_residual = None
-    if prologue == "rms_norm":
-        assert norm_weight is not None
-        x = rms_norm(x, norm_weight, eps)
-    elif prologue == "add_rms_norm":
-        assert norm_weight is not None and residual is not None
-        x, new_residual = fused_add_rms_norm(x, residual, norm_weight, eps)
-    elif prologue == "silu_and_mul":
-        x = silu_and_mul(x)
-    elif prologue != "none":
-        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    x, new_residual = apply_prologue(x, prologue, norm_weight, eps, residual)
     if weight_scale is not None:
         return fp8_linear(x, weight, weight_scale, bias), new_residual
     return F.linear(x, weight, bias), new_residual

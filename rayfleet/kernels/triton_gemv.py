@@ -55,7 +55,7 @@ import triton.language as tl
 
 from rayfleet import kernels
 from rayfleet.kernels import fp8_linear, register
-from rayfleet.kernels.ops_ref import PROLOGUES
+from rayfleet.kernels.ops_ref import PROLOGUES, apply_prologue
 from rayfleet.kernels.triton_ops import (  # triton_ops also registers the references first
     gdc_launch_dependents,
     gdc_wait,
@@ -359,7 +359,7 @@ def _unfused(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    pid: int,
+    prologue: str,
     norm_weight: torch.Tensor | None,
     eps: float,
     residual: torch.Tensor | None,
@@ -367,13 +367,7 @@ def _unfused(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows neither kernel takes: the prologue's own Triton kernel, then cuBLAS (or fp8_linear's
     fastest backend), as the layers run them unfused."""
-    new_res = None
-    if pid == RMS:
-        x = kernels.get("rms_norm", "triton")(x, norm_weight, eps)
-    elif pid == ADD_RMS:
-        x, new_res = kernels.get("fused_add_rms_norm", "triton")(x, residual, norm_weight, eps)
-    elif pid == SILU_MUL:
-        x = kernels.get("silu_and_mul", "triton")(x)
+    x, new_res = apply_prologue(x, prologue, norm_weight, eps, residual, backend="triton")
     if weight_scale is None:
         return F.linear(x, weight, bias), new_res
     # cuBLAS FP8: a bf16 output, K and N in multiples of 16 (quant/fp8.py checks the same)
@@ -424,7 +418,7 @@ def gemv(
         norm_weight = norm_weight.contiguous()
     kernel_name = kernel_for(m, n, pid, x.dtype, weight_scale is not None)
     if kernel_name == "unfused":
-        return _unfused(x, weight, bias, pid, norm_weight, eps, residual, weight_scale)
+        return _unfused(x, weight, bias, prologue, norm_weight, eps, residual, weight_scale)
     mma = kernel_name == "mma"
     new_res = None
     if pid == ADD_RMS:
@@ -489,7 +483,7 @@ def _rows_beside_scaled_mm(n: int) -> int:
     """Rows an FP8 LM head of ``n`` outputs (this rank's) gives the GEMV where FP8 tensor cores
     take the rest: MAX_M where the MMA kernel reads it (llama-3.2-1b's head: 90 us against 107
     for the input's quantization + cuBLAS on the H100), none where the FMA kernel would (128)."""
-    return MAX_M if n >= MMA_MIN_N_FP8 else 0
+    return MAX_M if kernel_for(1, n, NONE, torch.bfloat16, fp8=True) == "mma" else 0
 
 
 gemv.rows_beside_scaled_mm = _rows_beside_scaled_mm  # type: ignore[attr-defined]

@@ -177,9 +177,7 @@ class RejectionSampler:
             pos = 0
             for i in greedy:
                 drafts = rows[i].draft_token_ids
-                a = 0
-                while a < ks[i] and drafts[a] == best[pos + a]:
-                    a += 1
+                a = _leading([d == best[pos + j] for j, d in enumerate(drafts[: ks[i]])])
                 token_ids[i] = drafts[:a] + [best[pos + a]]
                 num_accepted[i] = a
                 pos += ks[i] + 1
