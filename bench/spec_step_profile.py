@@ -122,6 +122,7 @@ def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     prev_end: float | None = None
     cur: dict[str, float] = collections.defaultdict(float)
+    timeline: list[tuple[str, float, float]] = []
     attention = 0
     idle = 0.0
     for e in events:
@@ -132,6 +133,7 @@ def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]
             idle = max(start - prev_end, 0.0)
             prev_end = max(prev_end, start)
         cur[e.name[:48]] += max(end - prev_end, 0.0)
+        timeline.append((e.name[:48], round(max(start - prev_end, 0.0), 1), round(end - start, 1)))
         prev_end = max(prev_end, end)
         attention += "paged_attention" in e.name
         if "argmax_pick" in e.name:
@@ -142,16 +144,20 @@ def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]
                     "device_us": sum(cur.values()),
                     "idle_before_us": idle,
                     "by_kernel_us": dict(cur),
+                    "timeline": timeline,
                 }
             )
             cur, attention, idle = collections.defaultdict(float), 0, 0.0
+            timeline = []
     return out
 
 
 def summarize(forwards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per kind of forward (and the first draft forward after a verification, which holds the
-    host's work between the two): count, median device and idle microseconds, and the mean
-    microseconds per kernel name (the 12 largest)."""
+    host's work between the two): count, median device and idle microseconds, the median
+    microseconds per kernel name (the 12 largest; a kernel absent from a forward counts 0 there,
+    so a warm-up or prefill forward does not set it) and the kernel sequence of the median
+    forward: (name, device idle before it, its own duration) in microseconds."""
     kinds: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for i, f in enumerate(forwards):
         kinds[f["kind"]].append(f)
@@ -159,16 +165,18 @@ def summarize(forwards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             kinds["first draft after a verification"].append(f)
     out: dict[str, dict[str, Any]] = {}
     for kind, sel in kinds.items():
-        per_kernel: dict[str, float] = collections.defaultdict(float)
-        for f in sel:
-            for name, us in f["by_kernel_us"].items():
-                per_kernel[name] += us / len(sel)
+        names = {name for f in sel for name in f["by_kernel_us"]}
+        per_kernel = {
+            name: statistics.median(f["by_kernel_us"].get(name, 0.0) for f in sel) for name in names
+        }
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+        median_forward = sorted(sel, key=lambda f: f["device_us"])[len(sel) // 2]
         out[kind] = {
             "forwards": len(sel),
             "median_device_us": statistics.median(f["device_us"] for f in sel),
             "median_idle_before_us": statistics.median(f["idle_before_us"] for f in sel),
-            "mean_us_by_kernel": {name: round(us, 1) for name, us in top},
+            "median_us_by_kernel": {name: round(us, 1) for name, us in top},
+            "median_forward_timeline": median_forward["timeline"],
         }
     return out
 
