@@ -102,6 +102,25 @@ def test_one_outlier_beside_one_sample_does_not_set_the_bucket() -> None:
     assert h(8) == 0.0011  # three samples: the median
 
 
+def test_sync_overhead_takes_the_lower_quartile_of_its_samples() -> None:
+    """H is host wall time: stalls add milliseconds to sub-millisecond samples. Two stalled
+    steps among three (the H100's batch-8 pattern that kept speculation off for a run) do not
+    set the bucket; T and D keep the lower median."""
+    policy = AdaptiveSpecPolicy(max_k=8)
+    for seconds in (0.004, 0.0005, 0.0065, 0.0096):  # provisional, one normal step, two stalls
+        policy.overhead.observe(8, seconds)
+    assert policy.overhead(8) == 0.0005
+    for seconds in (0.0004, 0.0006, 0.0007, 0.0080, 0.0090):  # a full window of 8
+        policy.overhead.observe(8, seconds)
+    # sorted: 0.0004 0.0005 0.0006 0.0007 0.0065 0.008 0.009 0.0096 -> index floor(7 / 4) = 1
+    assert policy.overhead(8) == 0.0005
+    curve = CostCurve(quantile=0.0)
+    for seconds in (0.003, 0.002, 0.001, 0.004):
+        curve.observe(4, seconds)
+    assert curve(4) == 0.001
+    assert CostCurve().quantile == 0.5 and policy.target.quantile == policy.draft.quantile == 0.5
+
+
 def test_expected_tokens_and_drafts_worth() -> None:
     assert expected_tokens(0.5, 0) == 1.0
     assert expected_tokens(0.5, 3) == 1.875

@@ -57,15 +57,16 @@ output processing add to it, while a speculation-off step overlaps them with the
 engine reports each steady-state step's wall time (``observe_step``); for a step between two
 speculating plans (it verifies one plan's drafts and proposes the next's) the policy records
 H = wall - T(n_verify) of the one - k * D(m) of the other, in a third curve over the batch
-size (same buckets, medians, interpolation and extrapolation as T and D). The host work done
-while the draft runs (output processing, scheduling and input staging of the next verification,
-which reads the drafts from the device: spec/proposer.py) is hidden behind the drafts and so
-absent from H; what H holds is the host work between the verification and the first draft
-forward. A step whose wall holds a draft catch-up (reported with the proposal's ids, in the
-step that waited for them) gives no sample. Host work does not depend on the acceptance rate, so
-the curve stays valid when acceptance moves; until a bucket is measured the curve interpolates
-between the batch sizes that were and stays flat past the largest (0 before any): an
-unmeasured large batch is priced at the largest measured H, tried, and vetoed by its realized
+size (the buckets and interpolation of T and D; each bucket's lower quartile, since a stall adds
+milliseconds to a sub-millisecond sample; flat past the largest batch measured). The host work
+done while the draft runs (output processing, scheduling and input staging of the next
+verification, which reads the drafts from the device: spec/proposer.py) is hidden behind the
+drafts and so absent from H; what H holds is the host work between the verification and the
+first draft forward. A step whose wall holds a draft catch-up (reported with the proposal's ids,
+in the step that waited for them) gives no sample. Host work does not depend on the acceptance
+rate, so the curve stays valid when acceptance moves; until a bucket is measured the curve
+interpolates between the batch sizes that were and stays flat past the largest (0 before any):
+an unmeasured large batch is priced at the largest measured H, tried, and vetoed by its realized
 rate if that was too little.
 
 Realized rates. The cost model can misprice (acceptance that is not i.i.d. across positions,
@@ -165,7 +166,8 @@ def _bucket(n: int) -> int:
 
 class CostCurve:
     """Seconds as a function of a size, from observations: per half-octave bucket the recent
-    samples (the last ``window``; point = (mean size, lower median seconds)), linear interpolation
+    samples (the last ``window``; point = (mean size, lower ``quantile`` of the seconds: the lower
+    median by default)), linear interpolation
     between buckets, flat below the smallest size seen (small steps are launch/memory bound),
     and above the largest along the slope of the last segment (never decreasing; flat when only
     one bucket is known), so that a size never measured looks no more expensive than the largest
@@ -177,11 +179,16 @@ class CostCurve:
     ``extrapolate=False``: flat above the largest size too (the sync overhead H, whose samples
     at small batches are near 0 and noisy: a slope between two of them, carried to batch 64,
     priced speculation out of batches it wins at; a flat H lets that batch be measured, and
-    realized rates veto a loss)."""
+    realized rates veto a loss).
 
-    def __init__(self, window: int = 8, *, extrapolate: bool = True) -> None:
+    ``quantile``: which order statistic of a bucket's samples stands for it, index
+    ``floor((count - 1) * quantile)`` of the sorted seconds (0.5: the lower median; 0: the
+    minimum)."""
+
+    def __init__(self, window: int = 8, *, extrapolate: bool = True, quantile: float = 0.5) -> None:
         self.window = window
         self.extrapolate = extrapolate
+        self.quantile = quantile
         self._samples: dict[int, deque[tuple[int, float]]] = {}
         self._counts: dict[int, int] = {}
         self._sorted: list[tuple[float, float]] | None = None  # points by size, rebuilt lazily
@@ -212,15 +219,16 @@ class CostCurve:
         return bool(self._samples)
 
     def points(self) -> list[tuple[float, float]]:
-        """(mean size, lower median seconds) per bucket, by size. Timing noise only adds time
-        (a late host, interference, a compile), so of an even count the smaller middle sample:
-        with two, their mean would let one outlier set the bucket (a 12 ms step beside a 1 ms
-        one priced H at 6.5 ms for batch 8 on the H100 and kept speculation off at 0.95x)."""
+        """(mean size, the ``quantile`` of its seconds) per bucket, by size. Timing noise only
+        adds time (a late host, interference, a compile), so of an even count the smaller middle
+        sample: with two, their mean would let one outlier set the bucket (a 12 ms step beside a
+        1 ms one priced H at 6.5 ms for batch 8 on the H100 and kept speculation off at 0.95x)."""
         if self._sorted is None:
             pts = []
             for samples in self._samples.values():
                 secs = sorted(t for _, t in samples)
-                pts.append((sum(n for n, _ in samples) / len(samples), secs[(len(secs) - 1) // 2]))
+                at = int((len(secs) - 1) * self.quantile)
+                pts.append((sum(n for n, _ in samples) / len(samples), secs[at]))
             self._sorted = sorted(pts)
         return self._sorted
 
@@ -601,8 +609,14 @@ class AdaptiveSpecPolicy:
         self.tracker = tracker or AcceptanceTracker()
         self.target = CostCurve()
         self.draft = CostCurve()
-        # H by batch size (module docstring, "Sync overhead"); flat past the largest measured
-        self.overhead = CostCurve(extrapolate=False)
+        # H by batch size (module docstring, "Sync overhead"), flat past the largest measured
+        # batch. H is host wall time, sub-millisecond, and a stall adds whole milliseconds to a
+        # sample (H100, greedy batch 8, FP8 draft: 3 of 75 samples at 6.5-9.6 ms, the rest at
+        # 0-2 ms). Two FP8-draft runs of four priced H(8) at 6.2-6.5 ms (the mean of two
+        # samples, then the lower median) and kept speculation off for good (0.94-0.95x; only
+        # speculating steps sample H), so its buckets take their lower quartile: the minimum of
+        # up to four samples.
+        self.overhead = CostCurve(extrapolate=False, quantile=0.25)
         self.min_gain = min_gain
         self.min_samples = min_samples
         self.explore_interval = explore_interval
