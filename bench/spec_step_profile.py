@@ -118,7 +118,8 @@ def host_profile(run: Callable[[], object], top: int) -> list[dict[str, Any]]:
 def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]:
     """Kernels (profiler events, by start) cut after each argmax pick into forwards: each with
     its kind (verification when it has the target's number of attention launches), device time
-    split by kernel name (from the previous kernel's end), and the idle time before it."""
+    split by kernel name (from the previous kernel's end), the idle time before it, and its
+    timeline: (name, idle before the kernel, the kernel's own duration) per kernel, in order."""
     out: list[dict[str, Any]] = []
     prev_end: float | None = None
     cur: dict[str, float] = collections.defaultdict(float)
@@ -129,11 +130,12 @@ def forward_spans(events: list[Any], target_layers: int) -> list[dict[str, Any]]
         start, end = e.time_range.start, e.time_range.end
         if prev_end is None:
             prev_end = start
+        gap = max(start - prev_end, 0.0)  # the device's idle time before this kernel
         if not cur:  # a forward's first kernel: the device was idle until it started
-            idle = max(start - prev_end, 0.0)
+            idle = gap
             prev_end = max(prev_end, start)
         cur[e.name[:48]] += max(end - prev_end, 0.0)
-        timeline.append((e.name[:48], round(max(start - prev_end, 0.0), 1), round(end - start, 1)))
+        timeline.append((e.name[:48], round(gap, 1), round(end - start, 1)))
         prev_end = max(prev_end, end)
         attention += "paged_attention" in e.name
         if "argmax_pick" in e.name:
@@ -156,8 +158,8 @@ def summarize(forwards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per kind of forward (and the first draft forward after a verification, which holds the
     host's work between the two): count, median device and idle microseconds, the median
     microseconds per kernel name (the 12 largest; a kernel absent from a forward counts 0 there,
-    so a warm-up or prefill forward does not set it) and the kernel sequence of the median
-    forward: (name, device idle before it, its own duration) in microseconds."""
+    so a warm-up or prefill forward does not set it) and the kernel sequence of the lower-median
+    forward by device time: (name, device idle before it, its own duration) in microseconds."""
     kinds: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for i, f in enumerate(forwards):
         kinds[f["kind"]].append(f)
@@ -170,7 +172,7 @@ def summarize(forwards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             name: statistics.median(f["by_kernel_us"].get(name, 0.0) for f in sel) for name in names
         }
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-        median_forward = sorted(sel, key=lambda f: f["device_us"])[len(sel) // 2]
+        median_forward = sorted(sel, key=lambda f: f["device_us"])[(len(sel) - 1) // 2]
         out[kind] = {
             "forwards": len(sel),
             "median_device_us": statistics.median(f["device_us"] for f in sel),

@@ -91,9 +91,9 @@ def test_cost_curve_median_of_recent_samples() -> None:
     assert c.count_near(8) == 5
 
 
-def test_one_outlier_beside_one_sample_does_not_set_the_bucket() -> None:
-    """Two samples (after the provisional first): an outlier does not move the bucket to their
-    mean; timing noise only adds time."""
+def test_one_outlier_beside_one_sample_does_not_set_the_median_bucket() -> None:
+    """The default curve (T and D): of two samples (after the provisional first) an outlier
+    does not move the bucket to their mean; timing noise only adds time."""
     h = CostCurve(extrapolate=False)
     for seconds in (0.002, 0.001, 0.012):  # provisional, then a normal step and a stalled one
         h.observe(8, seconds)
@@ -119,6 +119,8 @@ def test_sync_overhead_takes_the_lower_quartile_of_its_samples() -> None:
         curve.observe(4, seconds)
     assert curve(4) == 0.001
     assert CostCurve().quantile == 0.5 and policy.target.quantile == policy.draft.quantile == 0.5
+    with pytest.raises(ValueError, match="quantile"):
+        CostCurve(quantile=1.5)
 
 
 def test_expected_tokens_and_drafts_worth() -> None:

@@ -186,6 +186,8 @@ class CostCurve:
     minimum)."""
 
     def __init__(self, window: int = 8, *, extrapolate: bool = True, quantile: float = 0.5) -> None:
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         self.window = window
         self.extrapolate = extrapolate
         self.quantile = quantile
@@ -220,9 +222,10 @@ class CostCurve:
 
     def points(self) -> list[tuple[float, float]]:
         """(mean size, the ``quantile`` of its seconds) per bucket, by size. Timing noise only
-        adds time (a late host, interference, a compile), so of an even count the smaller middle
-        sample: with two, their mean would let one outlier set the bucket (a 12 ms step beside a
-        1 ms one priced H at 6.5 ms for batch 8 on the H100 and kept speculation off at 0.95x)."""
+        adds time (a late host, interference, a compile), so an order statistic rounded down: at
+        the default 0.5, of an even count the smaller middle sample (with two, their mean would
+        let one outlier set the bucket: a 12 ms step beside a 1 ms one priced H at 6.5 ms for
+        batch 8 on the H100 and kept speculation off at 0.95x)."""
         if self._sorted is None:
             pts = []
             for samples in self._samples.values():
