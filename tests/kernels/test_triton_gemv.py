@@ -215,6 +215,70 @@ def test_mma_fp16_operand_keeps_precision_at_any_magnitude(
     assert torch.isfinite(y).all() and bool((err <= bound).all()), (err - bound).max()
 
 
+def fp8_products_bound(y, x, q, scale, b, prologue, kw, new_res) -> None:
+    """An FP8-weight MMA result within y's own rounding, the input's fp16 rounding (2^-11
+    relative, summed over the products) and a small absolute slack."""
+    a = unrounded_input(x, prologue, kw, new_res)
+    exact = F.linear(a, q.float()) * scale + (0 if b is None else b.float())
+    products = (a.abs() @ q.float().abs().t()) * scale
+    bound = 2.0**-7 * exact.abs() + 2.0**-10 * products + 1e-3
+    err = (y.float() - exact).abs()
+    assert torch.isfinite(y).all() and bool((err <= bound).all()), (err - bound).max()
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(
+        {triton_gemv._mma_config(n, fp8) for n in (2048, 16384, 65536) for fp8 in (False, True)}
+    ),
+)
+@pytest.mark.parametrize("prologue", ["none", "add_rms_norm"])
+def test_every_shipped_mma_config(
+    config: tuple[int, int, int, int],
+    prologue: str,
+    gen: torch.Generator,
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each (BLOCK_N, BLOCK_K, warps, stages) that _mma_config ships, on a small FP8 weight with
+    a ragged N and K (the LM head's config otherwise runs only at 65536+ rows)."""
+    from rayfleet.replicas.quant.fp8 import quantize_weight
+
+    monkeypatch.setattr(triton_gemv, "MMA_MIN_N_FP8", 1)
+    monkeypatch.setattr(triton_gemv, "_MMA_CONFIG_OVERRIDE", config)
+    m, n, k = 2, 97, 600
+    x, w, b, kw = inputs(gen, m, n, k, prologue, torch.bfloat16, device, bias=True)
+    q, scale = quantize_weight(w)
+    assert triton_gemv.kernel_for(m, n, triton_gemv.ADD_RMS, torch.bfloat16, True) == "mma"
+    y, new_res = triton_gemv.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    _, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    fp8_products_bound(y, x, q, scale, b, prologue, kw, ref_res)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "m,n,k,prologue",
+    [
+        (1, 128256, 2048, "none"),  # llama-3.2-1b LM head (FP8 draft), one row
+        (2, 128256, 2048, "none"),  # its first forward after a full acceptance
+        (1, 16384, 2048, "add_rms_norm"),  # its gate_up
+        (9, 28672, 4096, "add_rms_norm"),  # llama-3-8b-sized gate_up at a k = 8 verification
+    ],
+)
+def test_fp8_model_shapes_gpu(m: int, n: int, k: int, prologue: str, gen: torch.Generator) -> None:
+    """FP8 weights at the shapes the engine runs, through whichever kernel kernel_for picks."""
+    from rayfleet.replicas.quant.fp8 import quantize_weight
+
+    x, w, b, kw = inputs(gen, m, n, k, prologue, torch.bfloat16, "cuda", bias=False)
+    q, scale = quantize_weight(w)
+    y, new_res = triton_gemv.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    _, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
+    if prologue == "add_rms_norm":
+        assert torch.equal(new_res, ref_res)
+    fp8_products_bound(y, x, q, scale, b, prologue, kw, ref_res)
+
+
 def test_rejects_what_it_does_not_take(gen: torch.Generator, device: str) -> None:
     w = rand(gen, 8, 16, dtype=torch.float32, device=device)
     with pytest.raises(ValueError, match="1..16 rows"):
