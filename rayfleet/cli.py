@@ -47,6 +47,13 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
         help="most draft tokens per step (default 4 with --draft-model); adapted per request",
     )
     p.add_argument(
+        "--proposal-graph-max-batch-size",
+        type=int,
+        default=64,
+        help="greedy draft proposals up to this batch replay one CUDA graph each (0 = none: "
+        "less graph memory, one graph per draft forward)",
+    )
+    p.add_argument(
         "--quantization",
         choices=QUANTIZATION_METHODS,
         default=None,
@@ -81,6 +88,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
             if a.num_speculative_tokens is not None
             else (4 if a.draft_model else 0)
         ),
+        proposal_graph_max_batch_size=a.proposal_graph_max_batch_size,
         quantization=a.quantization,
         draft_quantization=a.draft_quantization,
     )

@@ -113,11 +113,22 @@ class ParallelConfig:
 class SpecConfig:
     draft_model: str | None = None
     num_speculative_tokens: int = 0
+    # CUDA: greedy proposals of up to this many requests replay one graph each, all their draft
+    # forwards in one launch (spec/proposal_graphs.py; capped at its MAX_BATCH); 0 = none, the
+    # draft then replays one graph per forward. Each captured batch size holds a graph per first
+    # query length and k: in the H100 benchmark (llama-3.2-1b-shaped draft, k up to 8) 128
+    # graphs, 346 MiB and about 17 s of start-up.
+    proposal_graph_max_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 0:
             raise ValueError(
                 f"num_speculative_tokens must be >= 0; got {self.num_speculative_tokens}"
+            )
+        if self.proposal_graph_max_batch_size < 0:
+            raise ValueError(
+                "proposal_graph_max_batch_size must be >= 0; "
+                f"got {self.proposal_graph_max_batch_size}"
             )
 
 

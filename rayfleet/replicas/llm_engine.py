@@ -404,8 +404,8 @@ class Engine:
 
     def _capture_draft_graphs(self, proposer: DraftProposer, num_spec: int) -> None:
         """CUDA: the draft's forwards replay decode graphs up to ``cuda_graph_max_batch_size``,
-        and whole greedy proposals at small batches one graph each (spec/proposal_graphs.py);
-        on failure the draft runs eagerly."""
+        and whole greedy proposals up to ``proposal_graph_max_batch_size`` one graph each
+        (spec/proposal_graphs.py); on failure the draft runs eagerly."""
         limit = min(self.config.cuda_graph_max_batch_size, self.config.scheduler.max_num_seqs)
         max_len = self.max_model_len + num_spec
         try:
@@ -414,6 +414,7 @@ class Engine:
                 max_blocks_per_seq=-(-max_len // self.config.cache.block_size) + 1,
                 max_seq_len=max_len,
                 proposal_k=num_spec,
+                proposal_max_batch=self.config.spec.proposal_graph_max_batch_size,
             )
         except Exception:  # a capture problem costs speed, never the engine
             logger.exception("draft CUDA graph capture failed; the draft runs eagerly")

@@ -127,6 +127,18 @@ def test_graph_proposal_equals_eager_loop(model, backend, contexts, fed, num_spe
             torch.testing.assert_close(got_c[1:], want_c[1:], atol=1e-6, rtol=1e-6)
 
 
+def test_proposal_graphs_up_to_the_configured_batch(model) -> None:
+    """``proposal_max_batch`` (SpecConfig.proposal_graph_max_batch_size) keeps the capture sizes
+    up to it; 0 captures no proposal graph, and the per-forward draft graphs stay."""
+    p = _proposer(model, "torch")
+    sizes = [1, 2, 4, 8]
+    blocks = len(TABLES[0]) + 1
+    p.enable_cuda_graphs(sizes, blocks, MAX_LEN, proposal_k=3, proposal_max_batch=3, emulate=True)
+    assert p.proposal_graphs is not None and p.proposal_graphs.sizes == [1, 2]
+    p.enable_cuda_graphs(sizes, blocks, MAX_LEN, proposal_k=3, proposal_max_batch=0, emulate=True)
+    assert p.proposal_graphs is None and p.graphs is not None
+
+
 def test_only_greedy_small_proposals_take_a_graph(model) -> None:
     gen = torch.Generator().manual_seed(0)
     p = _proposer(model, "torch")

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from rayfleet.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfig
+from rayfleet.config import CacheConfig, EngineConfig, QuantConfig, SchedulerConfig, SpecConfig
 
 
 def test_from_kwargs_routes_each_keyword_to_its_section():
@@ -18,6 +18,7 @@ def test_from_kwargs_routes_each_keyword_to_its_section():
         device="cpu",
         draft_model="d",
         num_speculative_tokens=3,
+        proposal_graph_max_batch_size=8,
         quantization="fp8",
         draft_quantization="fp8",
     )
@@ -25,6 +26,7 @@ def test_from_kwargs_routes_each_keyword_to_its_section():
     assert c.quant.quantization == "fp8" and c.quant.draft_quantization == "fp8"
     assert c.model.dtype == "float32" and c.model.model == "m"
     assert c.spec.draft_model == "d" and c.spec.num_speculative_tokens == 3
+    assert c.spec.proposal_graph_max_batch_size == 8
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.device = "cuda"  # type: ignore[misc]
 
@@ -46,6 +48,11 @@ def test_unknown_keyword_lists_accepted_ones():
         (SchedulerConfig, {"max_num_seqs": 0}, "max_num_seqs must be >= 1; got 0"),
         (QuantConfig, {"quantization": "int3"}, "quantization must be one of fp8 or unset"),
         (QuantConfig, {"draft_quantization": "awq"}, "draft_quantization must be one of fp8"),
+        (
+            SpecConfig,
+            {"proposal_graph_max_batch_size": -1},
+            "proposal_graph_max_batch_size must be >= 0; got -1",
+        ),
     ],
 )
 def test_invalid_values_are_named(ctor, kw, match):

@@ -53,7 +53,7 @@ from rayfleet.replicas.sampler import (
     mask_min_tokens,
     reads_history,
 )
-from rayfleet.replicas.spec.proposal_graphs import ProposalGraphs, eligible
+from rayfleet.replicas.spec.proposal_graphs import MAX_BATCH, ProposalGraphs, eligible
 from rayfleet.replicas.spec.rejection import DRAFT_STREAM, HistoryView, stream_seed
 from rayfleet.replicas.transfer import PinnedStaging, index_tensor, to_device
 from rayfleet.sampling_params import SamplingParams
@@ -179,13 +179,15 @@ class DraftProposer:
         max_seq_len: int,
         *,
         proposal_k: int = 0,
+        proposal_max_batch: int = MAX_BATCH,
         emulate: bool = False,
     ) -> None:
         """Capture graphs for the draft (CUDA; after allocate_kv_cache): the single-token forwards
         2..k of a proposal, and its first forward when it feeds at most 3 tokens per request
         (``DRAFT_GRAPH_QUERY_LENS``); with ``proposal_k`` > 0, also whole greedy proposals of up
-        to that many drafts up to batch 64 (spec/proposal_graphs.py). ``emulate``: no capture,
-        the same padded layouts eagerly (CPU tests)."""
+        to that many drafts, at the capture sizes up to ``proposal_max_batch`` (and MAX_BATCH;
+        spec/proposal_graphs.py). ``emulate``: no capture, the same padded layouts eagerly (CPU
+        tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
             capture_sizes=capture_sizes,
@@ -195,10 +197,11 @@ class DraftProposer:
             emulate=emulate,
         )
         self.proposal_graphs = None
-        if proposal_k > 0:
+        proposal_sizes = [s for s in capture_sizes if s <= proposal_max_batch]
+        if proposal_k > 0 and proposal_sizes:
             graphs = ProposalGraphs(
                 self,
-                capture_sizes=capture_sizes,
+                capture_sizes=proposal_sizes,
                 max_k=proposal_k,
                 max_blocks_per_seq=max_blocks_per_seq,
                 max_seq_len=max_seq_len,
