@@ -49,9 +49,9 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
     p.add_argument(
         "--proposal-graph-max-batch-size",
         type=int,
-        default=64,
-        help="greedy draft proposals up to this batch replay one CUDA graph each (0 = none: "
-        "less graph memory, one graph per draft forward)",
+        default=None,
+        help="greedy draft proposals up to this batch (at most 64) replay one CUDA graph each; "
+        "0 = none: less graph memory, one graph per draft forward (default 64)",
     )
     p.add_argument(
         "--quantization",
@@ -68,7 +68,13 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(
+    # Options left unset take EngineConfig's defaults.
+    optional = {
+        name: getattr(a, name)
+        for name in ("proposal_graph_max_batch_size",)
+        if getattr(a, name) is not None
+    }
+    return optional | dict(
         device=a.device,
         dtype=a.dtype,
         block_size=a.block_size,
@@ -88,7 +94,6 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
             if a.num_speculative_tokens is not None
             else (4 if a.draft_model else 0)
         ),
-        proposal_graph_max_batch_size=a.proposal_graph_max_batch_size,
         quantization=a.quantization,
         draft_quantization=a.draft_quantization,
     )

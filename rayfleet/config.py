@@ -114,7 +114,8 @@ class SpecConfig:
     draft_model: str | None = None
     num_speculative_tokens: int = 0
     # CUDA: greedy proposals of up to this many requests replay one graph each, all their draft
-    # forwards in one launch (spec/proposal_graphs.py; capped at its MAX_BATCH); 0 = none, the
+    # forwards in one launch (spec/proposal_graphs.py; at the decode graphs' capture sizes, 1, 2,
+    # 4, 8, 16, 32, 48, 64 at most: capped at its MAX_BATCH, 64); 0 = none, the
     # draft then replays one graph per forward. Each captured batch size holds a graph per first
     # query length and k: in the H100 benchmark (llama-3.2-1b-shaped draft, k up to 8) 128
     # graphs, 346 MiB and about 17 s of start-up.

@@ -917,3 +917,16 @@ def test_same_step_prefix_hit_does_not_trust_a_reused_blocks_old_draft_flags(mod
     assert b.token_ids == ref.token_ids
     assert b.spec.num_drafted > 0 and b.spec.acceptance_rate == 1.0
     assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("bound", [8, 0])
+def test_proposal_graph_bound_reaches_the_draft(models_dir, bound: int) -> None:
+    """``proposal_graph_max_batch_size`` is what the engine's draft-graph capture (CUDA only)
+    hands the proposer (which capture sizes that keeps: test_proposal_graphs.py)."""
+    llm = spec_llm(models_dir["target"], models_dir["same"], 3, proposal_graph_max_batch_size=bound)
+    eng = llm.engine
+    proposer = eng.runner.proposer
+    calls = []
+    proposer.enable_cuda_graphs = lambda *a, **kw: calls.append(kw)
+    eng._capture_draft_graphs(proposer, 3)
+    assert [(kw["proposal_k"], kw["proposal_max_batch"]) for kw in calls] == [(3, bound)]

@@ -65,3 +65,18 @@ def test_bad_device_and_dtype():
         EngineConfig.from_kwargs("m", device="tpu")
     with pytest.raises(ValueError, match="dtype must be one of"):
         EngineConfig.from_kwargs("m", dtype="int3")
+
+
+def test_cli_engine_flags_leave_unset_options_to_the_config():
+    """An engine flag left off the command line keeps EngineConfig's default; one given wins."""
+    import argparse
+
+    from rayfleet import cli
+
+    def spec(argv: list[str]) -> SpecConfig:
+        p = argparse.ArgumentParser()
+        cli._add_engine_args(p)
+        return EngineConfig.from_kwargs("m", **cli._engine_kwargs(p.parse_args(argv))).spec
+
+    assert spec([]).proposal_graph_max_batch_size == SpecConfig().proposal_graph_max_batch_size
+    assert spec(["--proposal-graph-max-batch-size", "0"]).proposal_graph_max_batch_size == 0

@@ -152,7 +152,7 @@ class DraftProposer:
         self.eos_token_ids = eos_token_ids
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Optional CUDA graphs for the single-token draft forwards, and for whole greedy
-        # proposals up to batch 64 (see enable_cuda_graphs).
+        # proposals at small batches (see enable_cuda_graphs).
         self.graphs = None
         self.proposal_graphs: ProposalGraphs | None = None
         self._gen = torch.Generator(device=device)
