@@ -198,17 +198,12 @@ def _accumulate(
     if MMA:
         wo = w.to(OP)  # [BLOCK_N, BLOCK_K]; FP8 widens exactly to fp16
         if OP == tl.float16:  # noqa: SIM300  (a compile-time dtype test)
-            a = round_to(a * up[:, None], OP)  # [BLOCK_M, BLOCK_K], rounded once
-            if EMULATE:
-                acc = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
-            else:
-                acc = tl.dot(wo, tl.trans(a), acc)  # [BLOCK_N, BLOCK_M]
+            a = a * up[:, None]  # the row's power of two (_fp16_row_scales)
+        a = round_to(a, OP)  # [BLOCK_M, BLOCK_K]: the product's input, rounded once
+        if EMULATE:  # the CPU interpreter's dot mishandles bf16: the same products in fp32
+            acc = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
         else:
-            a = round_to(a, OP)  # [BLOCK_M, BLOCK_K]: the product's input, rounded once
-            if EMULATE:  # the CPU interpreter's dot mishandles bf16: the same products in fp32
-                acc = tl.dot(wo.to(tl.float32), tl.trans(a.to(tl.float32)), acc)
-            else:
-                acc = tl.dot(wo, tl.trans(a), acc)
+            acc = tl.dot(wo, tl.trans(a), acc)  # [BLOCK_N, BLOCK_M]
         if PROLOGUE == 1 or PROLOGUE == 2:
             sq += tl.sum(h * h, 1)
     else:
