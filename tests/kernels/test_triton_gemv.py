@@ -203,25 +203,24 @@ def test_mma_fp16_operand_keeps_precision_at_any_magnitude(
     ref_y, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
     if prologue == "add_rms_norm":
         assert torch.equal(new_res, ref_res)
-    a = unrounded_input(x, prologue, kw, ref_res)
-    exact = F.linear(a, q.float()) * (1 if scale is None else scale) + b.float()
-    # y's own rounding, the input's (fp16: 2^-11 relative), an absolute slack at the scale of
-    # the outputs (normalised for the RMS prologues; proportional to the input for "none")
-    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    products = (a.abs() @ q.float().abs().t()) * (1 if scale is None else scale)
+    # an absolute slack at the scale of the outputs (normalised for the RMS prologues;
+    # proportional to the input for "none")
     slack = 1e-3 * (magnitude if prologue == "none" else 1.0)
-    bound = ulp * exact.abs() + 2.0**-10 * products + slack
-    err = (y.float() - exact).abs()
-    assert torch.isfinite(y).all() and bool((err <= bound).all()), (err - bound).max()
+    assert_within_fp16_input_rounding(y, x, q, scale, b, prologue, kw, ref_res, slack=slack)
 
 
-def fp8_products_bound(y, x, q, scale, b, prologue, kw, new_res) -> None:
-    """An FP8-weight MMA result within y's own rounding, the input's fp16 rounding (2^-11
-    relative, summed over the products) and a small absolute slack."""
+def assert_within_fp16_input_rounding(
+    y, x, q, scale, b, prologue, kw, new_res, *, slack: float = 1e-3
+) -> None:
+    """An MMA result with an fp16 operand (an FP8 weight, ``scale`` its row scales, or an fp16
+    model's own, ``scale`` None) within y's own rounding, the input's fp16 rounding (2^-11
+    relative, summed over the products) and an absolute ``slack``; finite."""
+    s = 1 if scale is None else scale
     a = unrounded_input(x, prologue, kw, new_res)
-    exact = F.linear(a, q.float()) * scale + (0 if b is None else b.float())
-    products = (a.abs() @ q.float().abs().t()) * scale
-    bound = 2.0**-7 * exact.abs() + 2.0**-10 * products + 1e-3
+    exact = F.linear(a, q.float()) * s + (0 if b is None else b.float())
+    ulp = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
+    products = (a.abs() @ q.float().abs().t()) * s
+    bound = ulp * exact.abs() + 2.0**-10 * products + slack
     err = (y.float() - exact).abs()
     assert torch.isfinite(y).all() and bool((err <= bound).all()), (err - bound).max()
 
@@ -261,7 +260,7 @@ def test_every_shipped_mma_config(
     q, scale = quantize_weight(w)
     y, new_res = triton_gemv.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
     _, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
-    fp8_products_bound(y, x, q, scale, b, prologue, kw, ref_res)
+    assert_within_fp16_input_rounding(y, x, q, scale, b, prologue, kw, ref_res)
 
 
 @pytest.mark.gpu
@@ -286,7 +285,7 @@ def test_fp8_model_shapes_gpu(m: int, n: int, k: int, prologue: str, gen: torch.
     _, ref_res = ops_ref.gemv(x, q, b, prologue=prologue, weight_scale=scale, **kw)
     if prologue == "add_rms_norm":
         assert torch.equal(new_res, ref_res)
-    fp8_products_bound(y, x, q, scale, b, prologue, kw, ref_res)
+    assert_within_fp16_input_rounding(y, x, q, scale, b, prologue, kw, ref_res)
 
 
 def test_rejects_what_it_does_not_take(gen: torch.Generator, device: str) -> None:
