@@ -530,8 +530,9 @@ gemv.max_rows_quantized = MAX_M  # type: ignore[attr-defined]
 
 def _rows_beside_scaled_mm(n: int) -> int:
     """Rows an FP8 LM head of ``n`` outputs (this rank's) gives the GEMV where FP8 tensor cores
-    take the rest: MAX_M where the MMA kernel reads it (llama-3.2-1b's head: 90 us against 107
-    for the input's quantization + cuBLAS on the H100), none where the FMA kernel would (128)."""
+    take the rest: MAX_M where the MMA kernel reads it (llama-3.2-1b's head on the H100: 96 us
+    at one row against 107 for the input's quantization + cuBLAS, level at two, 104 us each;
+    bench/results/gemv-fp8-1b-rowscale-H100.json), none where the FMA kernel would (128)."""
     return MAX_M if kernel_for(1, n, NONE, torch.bfloat16, fp8=True) == "mma" else 0
 
 

@@ -19,7 +19,7 @@ greedy output of an FP8 target with speculation (verification: k + 1 rows a requ
 without speculation up to that input rounding, not token for token as in 16 bits.
 
 Measured on an H100 (bench/gemv.py --fp8): a llama-3.2-1b layer's GEMVs at one row take 35 us
-instead of 51 in bf16, and its LM head 90 us (the GEMV's tensor-core kernel) instead of 168; at
+instead of 51 in bf16, and its LM head 96 us (the GEMV's tensor-core kernel) instead of 168; at
 2-16 rows cuBLAS' FP8 kernels lose to bf16 on the small matrices (qkv, o, down) and win on
 gate_up and the head.
 """

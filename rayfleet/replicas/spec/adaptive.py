@@ -166,12 +166,11 @@ def _bucket(n: int) -> int:
 
 class CostCurve:
     """Seconds as a function of a size, from observations: per half-octave bucket the recent
-    samples (the last ``window``; point = (mean size, lower ``quantile`` of the seconds: the lower
-    median by default)), linear interpolation
-    between buckets, flat below the smallest size seen (small steps are launch/memory bound),
-    and above the largest along the slope of the last segment (never decreasing; flat when only
-    one bucket is known), so that a size never measured looks no more expensive than the largest
-    one plus its trend.
+    samples (the last ``window``; point = (mean size, the ``quantile`` of the seconds, by default
+    the lower median)), linear interpolation between buckets, flat below the smallest size seen
+    (small steps are launch/memory bound), and above the largest along the slope of the last
+    segment (never decreasing; flat when only one bucket is known), so that a size never measured
+    looks no more expensive than the largest one plus its trend.
 
     A bucket's first sample is provisional: the second replaces it, since a shape's first run
     often pays one-off costs (kernel compilation, autotuning, allocator growth).
