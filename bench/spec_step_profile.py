@@ -54,6 +54,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--draft-quantization", choices=["fp8"], default=None)
+    p.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="propose after each verification's result (ModelRunner.chain_proposals off)",
+    )
+    p.add_argument(
+        "--ab-chain",
+        action="store_true",
+        help="also time --repeats runs each with chained proposals off and on, alternating",
+    )
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--output-json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -196,6 +206,7 @@ def main() -> None:
     base = sd.make_engine(pa, target, None, a.batch, 0)
     eng = sd.make_engine(pa, target, draft, a.batch, a.k)
     eng.runner.spec_policy = FixedSpecPolicy(a.k)
+    eng.runner.chain_proposals = not a.no_chain
     for e in (base, eng):  # warm-up: graphs, allocator, compiled kernels
         sd.run_engine(e, prompts, min(32, a.output_len), a.device, a.temperature)
     off, on, outs = [], [], []
@@ -204,6 +215,20 @@ def main() -> None:
         outs, res = sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature)
         on.append(res)
     spec = sd._spec_summary(outs)
+    chain_ab = None
+    if a.ab_chain:  # same engine, same prompts: only ModelRunner.chain_proposals differs
+        runs: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(a.repeats):
+            for arm in ("off", "on"):
+                eng.runner.chain_proposals = arm == "on"
+                res = sd.run_engine(eng, prompts, a.output_len, a.device, a.temperature)[1]
+                runs[arm].append(res["output_tok_s"])
+        eng.runner.chain_proposals = not a.no_chain
+        chain_ab = {
+            "off_tok_s": runs["off"],
+            "on_tok_s": runs["on"],
+            "on_over_off": statistics.median(runs["on"]) / statistics.median(runs["off"]),
+        }
 
     profiled = []
     if a.host_profile:
@@ -225,6 +250,8 @@ def main() -> None:
         (r, "_forward", "runner._forward (launch)"),
         (r, "_sample", "runner._sample (waits for the verification)"),
         (r, "_speculate", "runner._speculate"),
+        (r, "_chain", "runner._chain (plans, queues the chained proposal)"),
+        (r.proposer, "propose_chained", "proposer.propose_chained"),
         (r.proposer, "propose", "proposer.propose"),
         (r.proposer, "_first_forward", "proposer._first_forward"),
         (r, "rejection_sampler", "runner.rejection_sampler (waits for the verification)"),
@@ -267,6 +294,8 @@ def main() -> None:
         "spec_tok_s": [x["output_tok_s"] for x in on],
         "speedup_median": statistics.median(x["output_tok_s"] for x in on)
         / statistics.median(x["output_tok_s"] for x in off),
+        "chain_proposals": not a.no_chain,
+        "chain_ab": chain_ab,
         **spec,
         "host_phases": phase_summary(phases),
         "host_profile": profiled,
@@ -286,6 +315,11 @@ def main() -> None:
         f"(acceptance {spec['acceptance_rate']}, mean accepted length "
         f"{spec['mean_accepted_length']})"
     )
+    if chain_ab is not None:
+        print(
+            f"chained proposals on / off: {chain_ab['on_over_off']:.3f}x "
+            f"(on {chain_ab['on_tok_s']}, off {chain_ab['off_tok_s']} tok/s)"
+        )
     for phase, v in result["host_phases"].items():
         print(f"  host {phase:44s} {v['median_ms']:8.3f} ms median ({v['calls']} calls)")
     for row in profiled[:25]:

@@ -264,3 +264,69 @@ def check_stage(
     if (fill is None) != (prev is None) or (fill is not None and fill.shape != (n,)):
         raise ValueError("fill [b*q] and prev go together")
     return b, w
+
+
+# Offsets into the int64 static inputs of a chained whole-proposal graph (spec/proposal_graphs.py),
+# in this order: forward 1's ids, positions, slots [size * 2], context lengths [size]; forwards
+# 2..k's positions, slots, context lengths [(k - 1) * size]; the per-row parameters x_last, off,
+# dbase, kv [4 * size].
+CHAIN_FIELDS = (
+    "ids",
+    "pos",
+    "slots",
+    "seq_lens",
+    "step_pos",
+    "step_slots",
+    "step_seq_lens",
+    "params",
+)
+
+
+@register("chain_proposal_inputs", "torch")
+def chain_proposal_inputs(
+    inputs: torch.Tensor,  # int64 static inputs, staged for a = 0 (start L - 1, end L + 1)
+    tables: torch.Tensor,  # [>= size, W] int32 block tables
+    best: torch.Tensor,  # [N] int64: the target's argmax per verified row
+    drafts: torch.Tensor,  # flat int64: the drafts the verification checked
+    offsets: tuple[int, ...],  # CHAIN_FIELDS' offsets into inputs
+    size: int,
+    k: int,
+    block_size: int,
+    max_kv: int,
+) -> None:
+    """Turn a chained proposal's inputs, staged as if no draft were accepted, into those for
+    each row's accepted count a: a = how many of the row's kv drafts at ``drafts[dbase:]`` lead
+    equal to ``best[off:]`` (the greedy rule); forward 1 feeds ``best[off + a - 1]`` (x_last
+    when a = 0) and ``best[off + a]``, every position and context length moves up by a, and each
+    real slot (nonzero) is recomputed from the table at its new position; forward 1's first row
+    writes its slot only when a = kv (else 0, the null slot). Rows with kv = 0 (padding) keep
+    a = 0. In place; no host synchronization. ``max_kv`` >= every row's kv and k."""
+    o = dict(zip(CHAIN_FIELDS, offsets, strict=True))
+
+    def field(name: str, n: int) -> torch.Tensor:
+        return inputs[o[name] : o[name] + n]
+
+    x_last, off, dbase, kv = field("params", 4 * size).view(4, size)
+    j = torch.arange(max(max_kv, 1), device=inputs.device)
+    drafted = drafts[(dbase[:, None] + j).clamp_(max=drafts.numel() - 1)]
+    target = best[(off[:, None] + j).clamp_(max=best.numel() - 1)]
+    a = ((drafted == target) & (j < kv[:, None])).long().cumprod(1).sum(1)  # [size]
+    ids = field("ids", 2 * size).view(size, 2)
+    ids[:, 1] = best[off + a]
+    ids[:, 0] = torch.where(a > 0, best[(off + a - 1).clamp(min=0)], x_last)
+    pos = field("pos", 2 * size).view(size, 2)
+    pos += a[:, None]
+    field("seq_lens", size).add_(a)
+    step_pos = field("step_pos", (k - 1) * size).view(k - 1, size).T  # [size, k - 1]
+    step_pos += a[:, None]
+    field("step_seq_lens", (k - 1) * size).view(k - 1, size).T.add_(a[:, None])
+    table = tables[:size].long()
+    width = table.shape[1] - 1
+    first = torch.stack((a == kv, torch.ones_like(a, dtype=torch.bool)), 1)
+    for slots, p, keep in (
+        (field("slots", 2 * size).view(size, 2), pos, first),
+        (field("step_slots", (k - 1) * size).view(k - 1, size).T, step_pos, None),
+    ):
+        real = slots != 0 if keep is None else (slots != 0) & keep
+        blocks = table.gather(1, (p // block_size).clamp_(max=width))
+        slots.copy_(torch.where(real, blocks * block_size + p % block_size, 0))

@@ -264,6 +264,133 @@ def stage_step_inputs(
     )
 
 
+_CHAIN_ARGS = [
+    "o_ids",
+    "o_pos",
+    "o_slots",
+    "o_lens",
+    "o_step_pos",
+    "o_step_slots",
+    "o_step_lens",
+    "o_params",
+    "size",
+    "k",
+    "nb",
+    "nd",
+    "width",
+    "stride_t",
+    "block_size",
+]
+
+
+@_jit_one_variant(*_CHAIN_ARGS)
+def _chain_kernel(
+    inputs_ptr,  # int64 static inputs (ops_ref.CHAIN_FIELDS at the offsets below)
+    tables_ptr,  # [>= size, W] int32
+    best_ptr,  # [nb] int64
+    drafts_ptr,  # [nd] int64
+    o_ids,
+    o_pos,
+    o_slots,
+    o_lens,
+    o_step_pos,
+    o_step_slots,
+    o_step_lens,
+    o_params,
+    size,
+    k,
+    nb,
+    nd,
+    width,
+    stride_t,
+    block_size,
+    KB: tl.constexpr,  # >= every row's kv (a power of two)
+    SB: tl.constexpr,  # >= k - 1 (a power of two)
+):
+    i = tl.program_id(0)  # one row (request slot) of the padded batch
+    x_last = tl.load(inputs_ptr + o_params + i)
+    off = tl.load(inputs_ptr + o_params + size + i)
+    dbase = tl.load(inputs_ptr + o_params + 2 * size + i)
+    kv = tl.load(inputs_ptr + o_params + 3 * size + i)
+    j = tl.arange(0, KB)
+    m = j < kv
+    d = tl.load(drafts_ptr + tl.minimum(dbase + j, nd - 1), mask=m, other=0)
+    t = tl.load(best_ptr + tl.minimum(off + j, nb - 1), mask=m, other=0)
+    a = tl.min(tl.where(m & (d != t), j.to(tl.int64), kv), 0)  # the first rejection, else kv
+    tok1 = tl.load(best_ptr + off + a)
+    tok0 = tl.load(best_ptr + tl.maximum(off + a - 1, 0))
+    tok0 = tl.where(a > 0, tok0, x_last)
+    p0 = tl.load(inputs_ptr + o_pos + 2 * i) + a
+    p1 = tl.load(inputs_ptr + o_pos + 2 * i + 1) + a
+    s0 = tl.load(inputs_ptr + o_slots + 2 * i)
+    s1 = tl.load(inputs_ptr + o_slots + 2 * i + 1)
+    row = tables_ptr + i * stride_t
+    b0 = tl.load(row + tl.minimum(p0 // block_size, width - 1)).to(tl.int64)
+    b1 = tl.load(row + tl.minimum(p1 // block_size, width - 1)).to(tl.int64)
+    tl.store(inputs_ptr + o_ids + 2 * i, tok0)
+    tl.store(inputs_ptr + o_ids + 2 * i + 1, tok1)
+    tl.store(inputs_ptr + o_pos + 2 * i, p0)
+    tl.store(inputs_ptr + o_pos + 2 * i + 1, p1)
+    keep0 = (s0 != 0) & (a == kv)
+    tl.store(inputs_ptr + o_slots + 2 * i, tl.where(keep0, b0 * block_size + p0 % block_size, 0))
+    tl.store(
+        inputs_ptr + o_slots + 2 * i + 1, tl.where(s1 != 0, b1 * block_size + p1 % block_size, 0)
+    )
+    lens = tl.load(inputs_ptr + o_lens + i)
+    tl.store(inputs_ptr + o_lens + i, lens + a)
+    js = tl.arange(0, SB)
+    sm = js < k - 1
+    at = js * size + i  # forward js + 2's row i
+    sp = tl.load(inputs_ptr + o_step_pos + at, mask=sm, other=0) + a
+    ss = tl.load(inputs_ptr + o_step_slots + at, mask=sm, other=0)
+    sl = tl.load(inputs_ptr + o_step_lens + at, mask=sm, other=0) + a
+    blk = tl.load(row + tl.minimum(sp // block_size, width - 1), mask=sm, other=0).to(tl.int64)
+    tl.store(inputs_ptr + o_step_pos + at, sp, mask=sm)
+    tl.store(
+        inputs_ptr + o_step_slots + at,
+        tl.where(ss != 0, blk * block_size + sp % block_size, 0),
+        mask=sm,
+    )
+    tl.store(inputs_ptr + o_step_lens + at, sl, mask=sm)
+
+
+@register("chain_proposal_inputs", "triton", priority=0)
+def chain_proposal_inputs(
+    inputs: torch.Tensor,
+    tables: torch.Tensor,
+    best: torch.Tensor,
+    drafts: torch.Tensor,
+    offsets: tuple[int, ...],
+    size: int,
+    k: int,
+    block_size: int,
+    max_kv: int,
+) -> None:
+    """``ops_ref.chain_proposal_inputs`` in one launch (one program per row); ``max_kv`` bounds
+    every row's kv and k (the tile: one compiled variant for every call with the same bound)."""
+    if tables.stride(1) != 1 or inputs.stride(0) != 1:
+        raise ValueError("chain_proposal_inputs needs contiguous inputs and table rows")
+    if k > max_kv:
+        raise ValueError(f"k = {k} is past max_kv = {max_kv}")
+    _chain_kernel[(size,)](
+        inputs,
+        tables,
+        best,
+        drafts,
+        *offsets,
+        size,
+        k,
+        best.numel(),
+        drafts.numel(),
+        tables.shape[1],
+        tables.stride(0),
+        block_size,
+        KB=triton.next_power_of_2(max_kv),
+        SB=triton.next_power_of_2(max(max_kv - 1, 1)),
+        num_warps=1,
+    )
+
+
 @register("step_io_warm_up", "triton")
 def warm_up(
     model_dtype: torch.dtype, device: torch.device, vocab_size: int = 40, max_query_len: int = 1

@@ -160,3 +160,73 @@ def test_only_greedy_small_proposals_take_a_graph(model) -> None:
         params = SamplingParams(temperature=0.0, min_tokens=min_tokens)
         assert eligible(_requests(gen, [9], [1], [2], params)) == ok
     assert not eligible(_requests(gen, [9, 9], [1, 1], [2, 0]))  # one only fills KV
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "contexts,verified,accepted,num_spec",
+    [
+        ([9], [3], [1], [4]),  # batch 1, a rejection inside the run
+        ([9], [3], [3], [2]),  # every draft accepted: forward 1 feeds d_k and the bonus token
+        ([7, 11, 6], [2, 4, 1], [0, 4, 1], [3, 1, 2]),  # mixed, padded to a graph of 4
+    ],
+)
+@torch.inference_mode()
+def test_chained_proposal_equals_proposing_after_the_result(
+    model, backend, contexts, verified, accepted, num_spec
+) -> None:
+    """A chained proposal (run_chained: queued before the verification's result, its inputs
+    found on the device from the target's argmax and the verified drafts) draws the drafts a
+    proposal made after the result draws (run, on the verified tokens), and leaves the same
+    cache outside the null block: the draft's KV of the accepted run is not rewritten (forward
+    1's first row writes the null slot unless every draft was accepted)."""
+    gen = torch.Generator().manual_seed(sum(contexts) + sum(accepted))
+    p = _proposer(model, backend)
+    p.enable_cuda_graphs([1, 2, 4, 8], len(TABLES[0]) + 1, MAX_LEN, proposal_k=4, emulate=True)
+    graphs = p.proposal_graphs
+    assert graphs is not None
+    before, after, chain, best, drafts = [], [], [], [], []
+    for i, (c, kv, a, k) in enumerate(zip(contexts, verified, accepted, num_spec)):
+        tokens = torch.randint(2, 97, (c,), generator=gen).tolist()
+        target = torch.randint(2, 97, (kv + 1,), generator=gen).tolist()  # argmax per row
+        d = target[:kv]
+        if a < kv:
+            d[a] = target[a] % 96 + 2 if target[a] % 96 + 2 != target[a] else 3
+        # Before the verification the draft fed x_{L-1} and d_1..d_{kv-1} (valid < L + kv - 1).
+        seq = tokens + d[: kv - 1]
+        before.append(
+            DraftRequest(
+                f"r{i}", seq, c - 3, seq[c - 3 :], TABLES[i], GREEDY, c + kv - 1, c + kv - 1, 0
+            )
+        )
+        chain.append((tokens[-1], len(best), len(drafts), kv))
+        best += target
+        drafts += d
+        new = tokens + d[:a] + [target[a]]  # the verified tokens after it
+        start = min(c + kv - 1, c + a)
+        after.append(
+            DraftRequest(f"r{i}", new, c - 3, new[c - 3 :], TABLES[i], GREEDY, start, len(new), k)
+        )
+    _prefill(p, before)
+    base = [(kc.clone(), vc.clone()) for kc, vc in p.kv_caches]
+
+    key = graphs.key(after, max(num_spec))
+    assert key is not None
+    want = graphs.run(after, key)
+    want_cache = [(kc.clone(), vc.clone()) for kc, vc in p.kv_caches]
+    for (kc, vc), (k0, v0) in zip(p.kv_caches, base):
+        kc.copy_(k0)
+        vc.copy_(v0)
+    graphs.inputs.fill_(TABLES[2][3] * BS + 1)  # stale static inputs
+    chained = [
+        DraftRequest(
+            r.request_id, b.token_ids[:c], c - 3, [], r.block_ids, GREEDY, c - 1, c + 1, r.num_spec
+        )
+        for r, b, c in zip(after, before, contexts)
+    ]
+    ckey = (key[0], 2, key[2])
+    got = graphs.run_chained(chained, ckey, chain, torch.tensor(best), torch.tensor(drafts))
+    assert got.tolist() == want.tolist()
+    for (kc, vc), (kw, vw) in zip(p.kv_caches, want_cache):
+        for got_c, want_c in ((kc, kw), (vc, vw)):
+            torch.testing.assert_close(got_c[1:], want_c[1:], atol=1e-6, rtol=1e-6)

@@ -212,7 +212,8 @@ class RandomSpecPolicy(FixedSpecPolicy):
 def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
     """Give target and draft "CUDA graphs" that replay eagerly over the same static buffers and
     padded layouts (DecodeGraphs and ProposalGraphs emulate mode); returns a live count of
-    replays per (model, query length), and per ("proposal", k) for whole greedy proposals."""
+    replays per (model, query length), per ("proposal", k) for whole greedy proposals, and per
+    ("chained", k) for those chained behind their verification."""
     eng = llm.engine
     k = eng.runner.num_speculative_tokens
     max_len = eng.max_model_len + k
@@ -229,6 +230,13 @@ def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
         return run(reqs, key)
 
     whole.run = counted_run
+    run_chained = whole.run_chained
+
+    def counted_chained(reqs, key, *args, run=run_chained):
+        replays["chained", key[2]] += 1
+        return run(reqs, key, *args)
+
+    whole.run_chained = counted_chained
     for name, graphs in (("target", eng.runner.graphs), ("draft", eng.runner.proposer.graphs)):
         replay = graphs._replay
 
@@ -284,6 +292,7 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, grap
         # eager proposals (a batch past 8, a catch-up) replay the draft's decode graphs, small
         # greedy ones a whole-proposal graph
         assert replays["draft", 1] and any(m == "proposal" for m, _ in replays)
+        assert any(m == "chained" for m, _ in replays)
 
 
 def test_penalized_greedy_equals_no_spec(models_dir) -> None:
@@ -343,21 +352,36 @@ def test_greedy_proposals_replay_whole_proposal_graphs(models_dir, reference) ->
     """With graphs (emulated), a greedy batch of up to 64 requests drafts through one
     whole-proposal graph per step once the prompts are in the draft's cache (forward 1 feeds 1
     or 2 tokens), with per-request k mixing 1..4 (shorter rows write the null slot after their
-    last draft); output equals plain greedy decoding."""
+    last draft); output equals plain greedy decoding. Chained (the runner's "chained
+    proposals"), every proposal after the first verification runs behind its verification and
+    finds the accepted tokens on the device (test_proposal_graphs checks its drafts against a
+    proposal made after the result)."""
     per_request = {f"req-{i}": k for i, k in enumerate([1, 4, 2, 3])}
-    llm = spec_llm(models_dir["target"], models_dir["partial"], 4, FixedSpecPolicy(4, per_request))
-    replays = emulate_graphs(llm)
-    proposer = llm.engine.runner.proposer
-    proposals = []
-    propose = proposer.propose
-    proposer.propose = lambda reqs: proposals.append(reqs) or propose(reqs)
-    outs = llm.generate(PROMPTS[:4], GREEDY)
-    assert [o.token_ids for o in outs] == reference[:4]
-    assert_pool_full(llm)
-    whole = sum(n for (m, _), n in replays.items() if m == "proposal")
-    steady = [r for r in proposals if max(x.end - x.start for x in r) <= 2]
-    assert whole == len(steady) and whole >= 8
-    assert replays["proposal", 4] > 0
+    stats = []
+    for chain in (False, True):
+        llm = spec_llm(
+            models_dir["target"], models_dir["partial"], 4, FixedSpecPolicy(4, per_request)
+        )
+        llm.engine.runner.chain_proposals = chain
+        replays = emulate_graphs(llm)
+        proposer = llm.engine.runner.proposer
+        proposals = []
+        propose = proposer.propose
+        proposer.propose = lambda reqs, p=propose, log=proposals: log.append(reqs) or p(reqs)
+        outs = llm.generate(PROMPTS[:4], GREEDY)
+        assert [o.token_ids for o in outs] == reference[:4]
+        assert_pool_full(llm)
+        stats.append(sum(o.spec.num_accepted for o in outs))
+        whole = sum(n for (m, _), n in replays.items() if m == "proposal")
+        chained = sum(n for (m, _), n in replays.items() if m == "chained")
+        steady = [r for r in proposals if max(x.end - x.start for x in r) <= 2]
+        assert whole == len(steady)
+        if chain:
+            # the proposals after the prompts' steps (nothing verified yet) are the only others
+            assert chained >= 8 and whole <= 2 and replays["chained", 4] > 0
+        else:
+            assert chained == 0 and whole >= 8 and replays["proposal", 4] > 0
+    assert all(n > 0 for n in stats)  # (the partial draft agrees sometimes)
 
 
 def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> None:
@@ -472,6 +496,45 @@ def test_eos_inside_an_accepted_run(models_dir, reference, tmp_path) -> None:
     got = spec_llm(dirs[0], dirs[1], 4).generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert got[0].token_ids[-1] == eos and got[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("draft", ["same", "partial"])
+def test_chained_proposals_end_where_plain_decoding_does(models_dir, reference, draft) -> None:
+    """Chained proposals (emulated graphs) are planned before the verification's result, for
+    the worst case of every draft accepted: stop ids, stop strings, max_tokens and
+    max_model_len falling inside or right after an accepted run still cut the output exactly
+    where plain decoding does, with logprobs, and a request that finishes drops its chained
+    drafts (the pool comes back whole)."""
+    target = models_dir["target"]
+    plain = spec_llm(target, None, 0, max_model_len=51)
+    spec = spec_llm(target, models_dir[draft], 5, max_model_len=51)
+    replays = emulate_graphs(spec)
+    ref = reference[1]
+    cases = [
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, stop_token_ids=[ref[6]]),
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, stop_token_ids=[ref[9]]),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+    ]
+    text = plain.generate([PROMPTS[1]], GREEDY)[0].text
+    cases += [
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, stop=[text[i : i + 2]])
+        for i in range(4, len(text) - 2, max(1, len(text) // 4))
+    ]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[3]]  # PROMPTS[1] + 14 tokens: max_model_len
+    for params in cases:
+        want = plain.generate(prompts, params)
+        got = spec.generate(prompts, params)
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids, params
+            assert g.text == w.text and g.finish_reason == w.finish_reason
+            if params.logprobs:
+                assert len(g.logprobs) == len(w.logprobs) == params.max_tokens
+                for a, b in zip(g.logprobs, w.logprobs):
+                    assert a.token_id == b.token_id and a.rank == b.rank
+                    assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    assert sum(n for (m, _), n in replays.items() if m == "chained") >= len(cases)
+    assert_pool_full(spec)
 
 
 def test_max_model_len_and_logprobs(models_dir) -> None:

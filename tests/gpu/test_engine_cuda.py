@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,15 @@ pytestmark = [
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(20, 57)), [3], list(range(100, 116))]
 
 
-@pytest.mark.parametrize("arch, kw", [
-    ("llama", {"num_kv_heads": 2}),
-    ("mistral", {"sliding_window": 8}),
-    ("qwen2", {"tie_word_embeddings": True}),
-    ("qwen3", {"head_dim": 32}),
-])
+@pytest.mark.parametrize(
+    "arch, kw",
+    [
+        ("llama", {"num_kv_heads": 2}),
+        ("mistral", {"sliding_window": 8}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("qwen3", {"head_dim": 32}),
+    ],
+)
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 def test_greedy_fp32_cuda_matches_transformers(tmp_path: Path, arch, kw, backend) -> None:
     model_dir = make_tiny_model(tmp_path / arch, arch, **kw)
@@ -33,11 +37,22 @@ def test_greedy_fp32_cuda_matches_transformers(tmp_path: Path, arch, kw, backend
     with torch.no_grad():
         for p in PROMPTS:
             ids = torch.tensor([p], device="cuda")
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                              min_new_tokens=10, do_sample=False, pad_token_id=0)
-            ref.append(out[0, len(p):].tolist())
-    llm = LLM(str(model_dir), dtype="float32", device="cuda", attention_backend=backend,
-              gpu_memory_utilization=0.2)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=10,
+                min_new_tokens=10,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            ref.append(out[0, len(p) :].tolist())
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        device="cuda",
+        attention_backend=backend,
+        gpu_memory_utilization=0.2,
+    )
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert [o.token_ids for o in outs] == ref
 
@@ -52,15 +67,25 @@ def test_overlapped_scheduling_on_cuda_equals_synchronous(tmp_path: Path) -> Non
     model_dir = make_tiny_model(tmp_path / "m", "llama", num_kv_heads=2)
 
     def engine(overlap: bool, **kw) -> Engine:
-        return Engine(EngineConfig.from_kwargs(
-            str(model_dir), dtype="float32", device="cuda", attention_backend="triton",
-            block_size=4, show_progress=False, overlap_scheduling=overlap,
-            **{"num_blocks": 400, **kw}))
+        return Engine(
+            EngineConfig.from_kwargs(
+                str(model_dir),
+                dtype="float32",
+                device="cuda",
+                attention_backend="triton",
+                block_size=4,
+                show_progress=False,
+                overlap_scheduling=overlap,
+                **{"num_blocks": 400, **kw},
+            )
+        )
 
     sync = engine(False)
     work = _mixed_workload(eos=min(sync.eos_token_ids) if sync.eos_token_ids else 0)
-    work += [(list(range(5 + i, 25 + i)), SamplingParams(temperature=0, max_tokens=18,
-                                                        ignore_eos=True)) for i in range(7)]
+    work += [
+        (list(range(5 + i, 25 + i)), SamplingParams(temperature=0, max_tokens=18, ignore_eos=True))
+        for i in range(7)
+    ]
     expected = _run(sync, work)
     over = engine(True)
     assert over.overlap and over.runner.graphs is not None
@@ -86,8 +111,9 @@ def test_whole_proposal_graphs_keep_self_speculation_exact(tmp_path: Path) -> No
     assert len(graphs.graphs) == len(graphs.sizes) * 2 * 5  # q 1/2, k 1..5
     assert llm.engine.memory_report["draft_cuda_graph_bytes"] > 0
     runs = []
-    run = graphs.run
+    run, run_chained = graphs.run, graphs.run_chained
     graphs.run = lambda reqs, key: runs.append(key) or run(reqs, key)
+    graphs.run_chained = lambda reqs, key, *a: runs.append(key) or run_chained(reqs, key, *a)
     # k varies per request (the shorter rows' forwards past their last draft write the null slot)
     llm.engine.runner.spec_policy = FixedSpecPolicy(
         5, {f"req-{i}": k for i, k in enumerate([5, 2, 4, 1])}
@@ -96,3 +122,40 @@ def test_whole_proposal_graphs_keep_self_speculation_exact(tmp_path: Path) -> No
     assert [o.token_ids for o in outs] == ref
     assert all(o.spec.num_drafted > 0 and o.spec.acceptance_rate == 1.0 for o in outs)
     assert len(runs) > 5 and 5 in {k for _, _, k in runs}
+    assert sum(q == 2 for _, q, _ in runs) > 5  # (chained proposals: q = 2)
+
+
+def test_chained_proposals_on_cuda_draft_what_proposing_after_the_result_does(
+    tmp_path: Path,
+) -> None:
+    """Chained proposals (the runner's section comment) take each request's accepted count on
+    the device: with a draft that agrees only sometimes (the target's first layer), output
+    equals plain greedy decoding with chaining on and off, and the acceptance is the same to
+    within the steps near each request's end (a chained plan assumes every draft accepted)."""
+    from rayfleet.replicas.spec.adaptive import FixedSpecPolicy
+
+    target = make_tiny_model(tmp_path / "t", "llama", num_kv_heads=2)
+    shutil.copytree(target, tmp_path / "p")  # (its tokenizer; the weights are replaced)
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    hf.config.num_hidden_layers = 1
+    partial = type(hf)(hf.config)
+    partial.load_state_dict({k: v for k, v in hf.state_dict().items() if ".layers.1." not in k})
+    partial.save_pretrained(str(tmp_path / "p"))
+    kw = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.2, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(str(target), **kw).generate(PROMPTS, params)]
+    llm = LLM(str(target), draft_model=str(tmp_path / "p"), num_speculative_tokens=4, **kw)
+    chained = []
+    graphs = llm.engine.runner.proposer.proposal_graphs
+    run_chained = graphs.run_chained
+    graphs.run_chained = lambda reqs, key, *a: chained.append(key) or run_chained(reqs, key, *a)
+    stats = []
+    for chain in (False, True):
+        llm.engine.runner.chain_proposals = chain
+        llm.engine.runner.spec_policy = FixedSpecPolicy(4)
+        outs = llm.generate(PROMPTS, params)
+        assert [o.token_ids for o in outs] == ref
+        stats.append(sum(o.spec.num_accepted for o in outs))
+        assert bool(chained) == chain
+    assert 0 < stats[0] < sum(o.spec.num_drafted for o in outs)
+    assert abs(stats[1] - stats[0]) <= len(PROMPTS)

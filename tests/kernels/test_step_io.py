@@ -1,5 +1,6 @@
-"""The step-edge kernels (triton_step_io) against their torch references: greedy argmax and the
-staging of a step's inputs into a CUDA graph's static buffers."""
+"""The step-edge kernels (triton_step_io) against their torch references: greedy argmax, the
+staging of a step's inputs into a CUDA graph's static buffers, and a chained proposal's inputs
+found on the device from its verification."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rayfleet.kernels import ops_ref, triton_step_io  # noqa: E402
 from rayfleet.kernels.triton_step_io import ARGMAX_BLOCK  # noqa: E402
 
 
-@pytest.mark.parametrize("op", ["argmax", "stage_step_inputs"])
+@pytest.mark.parametrize("op", ["argmax", "stage_step_inputs", "chain_proposal_inputs"])
 def test_registered_beside_reference(op: str) -> None:
     assert kernels.backends(op)[0] == "torch"
     assert kernels.get(op, "triton") is getattr(triton_step_io, op)
@@ -176,3 +177,83 @@ def test_warm_up_runs_every_variant(device: str) -> None:
     assert triton_step_io.warm_up(torch.bfloat16, torch.device(device)) == 8
     # q = 17..20 (16+ drafts per step) take the next token tile: four more stage variants
     assert triton_step_io.warm_up(torch.float32, torch.device(device), 300_000, 20) == 2 + 8
+
+
+def _chain_case(gen: torch.Generator, size: int, real: int, k: int, max_kv: int, a_want: list[int]):
+    """A chained proposal's staged inputs (the a = 0 layout, random), verification results
+    giving row i exactly ``a_want[i]`` accepted drafts, and the field offsets."""
+    bs, width = 4, 9
+    kvs = [
+        max(a, 1) + int(torch.randint(0, max_kv - max(a, 1) + 1, (), generator=gen)) for a in a_want
+    ]
+    kvs = [min(kv, max_kv) for kv in kvs]
+    best, drafts, params = [], [], [[], [], [], []]
+    for i in range(size):
+        if i >= real:  # a padding row
+            for p, v in zip(params, (0, 0, 0, 0)):
+                p.append(v)
+            continue
+        kv, a = kvs[i], a_want[i]
+        row = torch.randint(3, 1000, (kv + 1,), generator=gen).tolist()
+        d = row[:kv]
+        if a < kv:
+            d[a] = row[a] + 1  # the first rejection
+        for j in range(a + 1, kv):  # after it, anything (some equal)
+            d[j] = row[j] if j % 2 else row[j] + 2
+        for p, v in zip(
+            params, (int(torch.randint(3, 1000, (), generator=gen)), len(best), len(drafts) + 5, kv)
+        ):
+            p.append(v)
+        best += row
+        drafts += [0] * 5 + d  # (at an offset: dbase)
+    n = {"ids": 2 * size, "pos": 2 * size, "slots": 2 * size, "seq_lens": size}
+    n |= {"step_pos": (k - 1) * size, "step_slots": (k - 1) * size, "step_seq_lens": (k - 1) * size}
+    offsets, total = [], 0
+    for name in ops_ref.CHAIN_FIELDS[:-1]:
+        offsets.append(total)
+        total += n[name]
+    offsets.append(total)
+    inputs = torch.randint(0, 8 * bs, (total + 4 * size,), generator=gen)
+    inputs[: 2 * size] = -7  # ids: all rewritten
+    for name in ("slots", "step_slots"):  # zeros (the null slot) stay zeros
+        o = offsets[ops_ref.CHAIN_FIELDS.index(name)]
+        block = inputs[o : o + n[name]]
+        block[torch.rand(block.shape, generator=gen) < 0.3] = 0
+    inputs[total:] = torch.tensor([v for p in params for v in p])
+    tables = torch.randint(1, 60, (size + 2, width), generator=gen, dtype=torch.int32)
+    return (
+        inputs,
+        tables,
+        torch.tensor(best or [0]),
+        torch.tensor(drafts or [0]),
+        tuple(offsets),
+        bs,
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_chain_proposal_inputs_matches_reference(k: int, gen: torch.Generator, device: str) -> None:
+    """Rows accepting none, some and all of their drafts, a padding row, slots at the null
+    slot: the kernel writes what the reference does, and a row's ids are the target's tokens
+    after its accepted run (x_last when none was accepted)."""
+    size, real, max_kv = 6, 5, 5
+    a_want = [0, 2, 5, 1, 3]
+    inputs, tables, best, drafts, offsets, bs = _chain_case(gen, size, real, k, max_kv, a_want)
+    args = (tables.to(device), best.to(device), drafts.to(device), offsets, size, k, bs)
+    want = inputs.clone().to(device)
+    ops_ref.chain_proposal_inputs(want, *args, max_kv=max_kv)
+    got = inputs.clone().to(device)
+    triton_step_io.chain_proposal_inputs(got, *args, max_kv=max_kv)
+    assert torch.equal(got.cpu(), want.cpu())
+    want = want.cpu()
+    params = inputs[offsets[-1] :].view(4, size)
+    for i, a in enumerate(a_want):
+        x_last, off, _, kv = params[:, i].tolist()
+        a = min(a, kv)
+        assert want[2 * i + 1] == best[off + a]
+        assert want[2 * i] == (best[off + a - 1] if a else x_last)
+        assert want[offsets[1] + 2 * i] == inputs[offsets[1] + 2 * i] + a  # positions move up
+        if a < kv:  # forward 1's first row writes the null slot
+            assert want[offsets[2] + 2 * i] == 0
+    pad = size - 1
+    assert want[offsets[1] + 2 * pad] == inputs[offsets[1] + 2 * pad]  # padding: a = 0

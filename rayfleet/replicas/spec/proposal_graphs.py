@@ -27,6 +27,23 @@ Only greedy requests without penalties and past their min_tokens take this path 
 needs no generator state and no host-side history); anything else runs the eager loop of
 ``DraftProposer.propose``.
 
+Chained proposals (``run_chained``; the runner queues them behind the verification whose result
+they follow, ModelRunner._chain). A request with L verified tokens verified kv drafts and the
+device knows, the host not yet, how many it accepted: a. The proposal after it is the (size, 2,
+k) graph, staged by the host as if a were 0 (forward 1 at positions L - 1 and L), then moved by
+one kernel on the device (ops_ref.chain_proposal_inputs), which counts a from the target's
+argmax and the verified drafts:
+
+    forward 1     d_a (x_{L-1} when a = 0) at L + a - 1, the target's token after the run at
+                  L + a; the first row writes its K/V only when a = kv (d_kv was never fed),
+                  else the null slot: its KV is the draft's already
+    forward j     d_{j-1} at L + a + j - 1                                        (j = 2 .. k)
+
+so the draft ends as a proposal made from the result would leave it: KV valid below
+L + a + k. Forward 1 always computes two rows, where one would do after a rejection: on the
+H100 that costs a llama-3.2-1b-shaped draft 0.33 ms with FP8 weights and 0.23 ms in bf16 (the
+narrow layers' two-row GEMVs), about what chaining saves at batch 1.
+
 Cost (H100, llama-3.2-1b-shaped draft, k up to 8, batch sizes 1..64: 128 graphs): 346 MiB of
 device memory (the free-memory drop over the capture; reported as draft_cuda_graph_bytes) and
 about 17 s more engine start-up.
@@ -40,6 +57,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rayfleet import kernels
+from rayfleet.kernels.ops_ref import CHAIN_FIELDS
 from rayfleet.replicas.cuda_graphs import capture_graphs, static_metadata
 from rayfleet.replicas.runner import slot_mapping
 from rayfleet.replicas.sampler import MIN_TEMPERATURE, argmax_rows, reads_history
@@ -55,6 +74,9 @@ MAX_BATCH = 64
 # Query lengths of forward 1: the correction after a rejection (1), d_k and the bonus token after
 # a fully accepted run (2). Three (after a speculation-off step) runs the eager loop.
 FIRST_QUERY_LENS = (1, 2)
+# A chained proposal's per-row parameters (run_chained), int64 after its layout's values:
+# x_last, off, dbase, kv.
+CHAIN_PARAMS = 4
 
 
 @dataclass(frozen=True)
@@ -134,7 +156,10 @@ class ProposalGraphs:
             (s, q, k) for s in self.sizes for q in FIRST_QUERY_LENS for k in range(1, max_k + 1)
         ]
         dev = self.device
-        cap = max((_Layout.of(s, q, k).total for s, q, k in self.keys), default=0)
+        # (a chained proposal's per-row parameters follow its layout: run_chained)
+        cap = max(
+            (_Layout.of(s, q, k).total + CHAIN_PARAMS * s for s, q, k in self.keys), default=0
+        )
         max_size = max(self.sizes, default=0)
         # Static inputs every graph reads, in one byte buffer that a replay fills with one copy:
         # int64 values at [0, 8 * cap) (a graph reads its own layout's prefix), then the block
@@ -173,9 +198,13 @@ class ProposalGraphs:
         size = next(s for s in self.sizes if s >= len(reqs))
         return size, q, kmax
 
-    def _host_inputs(self, reqs: Sequence, size: int, q: int, k: int) -> list[int]:
+    def _host_inputs(
+        self, reqs: Sequence, size: int, q: int, k: int, *, ids_known: bool = True
+    ) -> list[int]:
         """The layout's int64 values for ``reqs`` (rows 0..len(reqs)-1, padding after). Plain
-        lists: at these sizes (tens to a few thousand values) numpy's per-call cost dominates."""
+        lists: at these sizes (tens to a few thousand values) numpy's per-call cost dominates.
+        ``ids_known=False``: forward 1's ids are left 0 (a chained proposal's come from the
+        device)."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -190,7 +219,7 @@ class ProposalGraphs:
                 r = reqs[i]
                 start, end, blocks = r.start, r.end, r.block_ids
                 n = end - start
-                ids += r.token_ids[start:end]
+                ids += r.token_ids[start:end] if ids_known else pad[:n]
                 ids += pad[n:]
                 slots += slot_mapping(blocks, start, end, bs)
                 slots += pad[n:]  # padding rows write the null slot
@@ -306,6 +335,67 @@ class ProposalGraphs:
         # A copy: the next proposal overwrites the static drafts while these may still be read.
         return self.drafts[: size * k].view(size, k)[: len(reqs)].clone()
 
+    def run_chained(
+        self,
+        reqs: Sequence,
+        key: tuple[int, int, int],
+        chain: Sequence[tuple[int, int, int, int]],
+        best: torch.Tensor,
+        verified_drafts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Replay the proposal that follows a verification still on the device (the module
+        docstring's "Chained proposals"). ``key`` is (size, 2, k); ``reqs[i]`` has
+        ``start = L - 1``, ``end = L + 1`` for its L verified tokens before the verification,
+        its block table and num_spec; ``chain[i]`` is (x_last, off, dbase, kv): its newest
+        verified token x_{L-1}, its first row in ``best`` (the target's argmax per verified
+        row, [N] int64), where its kv verified drafts start in ``verified_drafts`` (flat int64).
+        Returns the drafts as ``run`` does."""
+        size, q, k = key
+        assert q == 2 and len(chain) == len(reqs)
+        values = self._host_inputs(reqs, size, q, k, ids_known=False)
+        for field in zip(*chain):
+            values += field
+            values += [0] * (size - len(reqs))  # padding rows: kv = 0, so a = 0
+        self._stage(reqs, values)
+        self._derive_chained(size, k, best, verified_drafts)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if not self.emulated:
+                raise KeyError(f"no proposal graph for {key}")
+            lay = _Layout.of(size, q, k)
+            self._body(size, q, k, self.inputs[: lay.total].tolist())
+        else:
+            graph.replay()
+        return self.drafts[: size * k].view(size, k)[: len(reqs)].clone()
+
+    def _derive_chained(
+        self,
+        size: int,
+        k: int,
+        best: torch.Tensor,
+        verified_drafts: torch.Tensor,
+    ) -> None:
+        """Turn the staged a = 0 layout of (size, 2, k) into the one for each row's accepted
+        count a, on the device (stream-ordered after the verification that wrote ``best``):
+        ops_ref.chain_proposal_inputs, one kernel on CUDA."""
+        lay = _Layout.of(size, 2, k)
+        offsets = (
+            *(getattr(lay, f)[0] for f in CHAIN_FIELDS[:-1]),
+            lay.total,  # the per-row parameters follow the layout
+        )
+        backend = "triton" if self.device.type == "cuda" else None
+        kernels.get_or_default("chain_proposal_inputs", backend)(
+            self.inputs,
+            self.tables,
+            best,
+            verified_drafts,
+            offsets,
+            size,
+            k,
+            self.block_size,
+            max_kv=self.max_k,
+        )
+
     @torch.inference_mode()
     def capture(self) -> None:
         def prepare(key: tuple[int, int, int]) -> None:
@@ -317,6 +407,11 @@ class ProposalGraphs:
             keys, lambda key: self._body(*key), prepare, warm_key=lambda key: key[:2]
         )
         self.graphs.update(graphs)
+        if self.sizes:  # compile the chained proposals' input kernel now, not in a step
+            size = self.sizes[0]
+            self._stage([], self._host_inputs([], size, 2, 1) + [0] * (CHAIN_PARAMS * size))
+            zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._derive_chained(size, 1, zero, zero)
         logger.info(
             "captured %d draft proposal graphs (batch %s, k 1..%d) using %.1f MiB",
             len(self.graphs),

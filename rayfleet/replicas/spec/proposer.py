@@ -315,6 +315,28 @@ class DraftProposer:
             history=sampling.history,
         )
 
+    @torch.inference_mode()
+    def propose_chained(
+        self,
+        reqs: list[DraftRequest],
+        key: tuple[int, int, int],
+        chain: list[tuple[int, int, int, int]],
+        best: torch.Tensor,
+        verified_drafts: torch.Tensor,
+    ) -> DraftProposals:
+        """The greedy proposal that follows a verification still on the device: one
+        whole-proposal graph whose forward 1 feeds the tokens the verification accepts, found
+        on the device (``ProposalGraphs.run_chained``, which documents the arguments; ``reqs``
+        carry ``start = L - 1``, ``end = L + 1``). No host synchronization."""
+        graphs = self.proposal_graphs
+        assert graphs is not None
+        t0 = time.perf_counter()
+        timer = _ForwardTimer(self.device)
+        timer.mark()
+        drafts = graphs.run_chained(reqs, key, chain, best, verified_drafts)
+        timer.mark()
+        return self._finish(DraftProposals(), reqs, drafts, timer, t0, forwards=key[2])
+
     def _finish(
         self,
         out: DraftProposals,

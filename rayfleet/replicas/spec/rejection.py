@@ -147,16 +147,26 @@ class RejectionSampler:
         logits: torch.Tensor,
         rows: Sequence[SpecRow],
         draft_probs: torch.Tensor | None = None,
+        best: Sequence[int] | None = None,
     ) -> SpecVerifyOutput:
         """``logits`` is [sum(k_i + 1), V]: request i's k_i + 1 target rows, requests in order.
         ``draft_probs`` is [sum of k_i over sampled requests, V]: the distribution each sampled
-        request's drafts were drawn from, in order (greedy requests have none)."""
+        request's drafts were drawn from, in order (greedy requests have none). ``best``: the
+        argmax of every row, already on the host (only when every row is greedy and none is
+        penalized, so the argmax of the raw logits is the rule's)."""
         ks = [len(r.draft_token_ids) for r in rows]
         if logits.dim() != 2 or logits.shape[0] != sum(k + 1 for k in ks):
             raise ValueError(f"logits must be [{sum(k + 1 for k in ks)}, V]; got {logits.shape}")
         device = logits.device
         srows: list[SamplerRow] | None = None
-        if any(_penalized(r) for r in rows):
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
+        if best is not None:
+            if len(greedy) < len(rows) or any(_penalized(r) for r in rows):
+                raise ValueError("best is for steps of greedy rows without penalties")
+            if len(best) != logits.shape[0]:
+                raise ValueError(f"best must hold {logits.shape[0]} ids; got {len(best)}")
+            x = logits  # (nothing reads it)
+        elif any(_penalized(r) for r in rows):
             srows = target_sampler_rows(rows)
             x = Sampler.apply_penalties(logits.float(), srows)  # [N, V]
         else:  # nothing reads the histories: the rows are the raw logits (only read below)
@@ -167,11 +177,10 @@ class RejectionSampler:
         token_ids: list[list[int]] = [[] for _ in rows]
         num_accepted = [0] * len(rows)
 
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature < MIN_TEMPERATURE]
         if greedy:
-            if len(greedy) == len(rows):
+            if best is None and len(greedy) == len(rows):
                 best = argmax_rows(x).tolist()
-            else:
+            elif best is None:
                 idx = [offsets[i] + j for i in greedy for j in range(ks[i] + 1)]
                 best = argmax_rows(x[_index(idx, device)]).tolist()
             pos = 0
