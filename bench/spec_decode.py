@@ -18,11 +18,18 @@ so that agreement is controlled ("synthetic agreement" in the JSON):
 so every layer still does its full work, but next-token logits are (nearly) a function of the
 current token, shared by both models, and the draft's noise sigma sets the acceptance rate: at
 temperature 1 the sampled rate sum_y min(p, q), greedy the argmax agreement. Calibration: per
-level and batch size, bisection on sigma for the acceptance measured through the engine with one
-draft per step on that run's prompts (the shared path's own rate is higher: it leaves out bf16
-rounding and the layers' residual noise; both rates are reported). Levels: greedy at the demo pair's
-greedy per-token rate (the i.i.d. rate a with 1 + a + ... + a^8 = its mean accepted length at
-k = 8; ``--greedy-acceptance`` when part 1 did not run) and temperature 1 at ``--acceptance``.
+level and batch size, bisection on sigma for the acceptance measured through the engine on that
+run's prompts (the shared path's own rate is higher: it leaves out bf16 rounding and the layers'
+residual noise; both are reported). Levels: greedy at the demo pair's acceptance, and temperature 1
+at ``--acceptance`` (per-token rates, one draft per step). The demo pair's greedy acceptance is
+its mean accepted length at k = 8 (5.79 tokens per verification on the H100; its i.i.d. rate a,
+1 + a + ... + a^8 = 5.79, is 0.885; ``--greedy-acceptance`` gives a when part 1 did not run), and
+the greedy level matches that length at k = ``--num-speculative-tokens`` drafts per step. The
+synthetic pair is not i.i.d. along one greedy path: matching its one-draft rate to a instead
+(``--greedy-calibration k1``, every run before 2026-11-25) put that rate at 0.88, below the demo
+pair's own one-draft rate (0.919), and gave 4.2-4.4 tokens per verification at batch 1 (one
+128-token path) against the demo pair's 5.79. Matched on the length (H100, 2026-11-25: 5.73 at
+k = 8), the batch-1 run's first-draft acceptance is 0.91, the demo pair's within noise.
 
 For each level and batch size (``--batch-sizes``), output tokens/s (prefill included; the median
 of ``--repeats`` runs, all of them in the JSON) with
@@ -96,8 +103,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--greedy-acceptance",
         type=float,
-        default=0.88,
-        help="greedy level when the demo part did not run (else the demo pair's rate)",
+        default=0.885,
+        help="greedy level when the demo part did not run (else the demo pair's rate; 0.885 "
+        "on the H100, bench/results/spec-adaptive-H100.json)",
+    )
+    p.add_argument(
+        "--greedy-calibration",
+        choices=["accepted-length", "k1"],
+        default="accepted-length",
+        help="greedy level: match the demo pair's mean accepted length at "
+        "--num-speculative-tokens drafts (the i.i.d. length of its rate), or the per-token rate "
+        "at one draft per step (before 2026-11-25)",
+    )
+    p.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="propose after each verification's result (ModelRunner.chain_proposals off)",
     )
     p.add_argument("--num-speculative-tokens", type=int, default=8)
     p.add_argument("--fixed-k", default="2,4,8", help="fixed-k policies to compare ('' for none)")
@@ -300,21 +321,25 @@ def calibrate_on_engine(
     output_len: int,
     device: str,
     steps: int = 6,
+    k: int = 1,
 ) -> tuple[float, float]:
     """The draft noise sigma in [0, sigma_hi] whose acceptance, measured through the engine on
-    these prompts with one draft per step (so position-1 acceptance, the per-token rate), is
-    closest to ``want`` (bisection; acceptance falls as sigma grows). The shared-path
-    calibration leaves out the models' bf16 rounding and residual noise, which cost agreement,
-    and a greedy run visits one fixed path of tokens per prompt: measured on the run's own
-    prompts, the level is the one the run sees. Returns (sigma, its measured acceptance)."""
-    eng.runner.spec_policy = FixedSpecPolicy(1)
+    these prompts, is closest to ``want`` (bisection; acceptance falls as sigma grows): with
+    ``k = 1`` one draft per step, so the position-1 acceptance (the per-token rate); with
+    k > 1, k drafts per step and ``want`` is the mean accepted length (tokens per verifying
+    step). The shared-path calibration leaves out the models' bf16 rounding and residual noise,
+    which cost agreement, and a greedy run visits one fixed path of tokens per prompt: measured
+    on the run's own prompts, the level is the one the run sees. Returns (sigma, its measured
+    acceptance)."""
+    eng.runner.spec_policy = FixedSpecPolicy(k)
+    stat = "acceptance_rate" if k == 1 else "mean_accepted_length"
     lo, hi = 0.0, sigma_hi
     best = (sigma_hi, 0.0)
     for _ in range(steps):
         mid = (lo + hi) / 2
         set_sigma(mid)
         outs, _ = run_engine(eng, prompts, output_len, device, temperature)
-        rate = _spec_summary(outs)["acceptance_rate"] or 0.0
+        rate = _spec_summary(outs)[stat] or 0.0
         if abs(rate - want) < abs(best[1] - want):
             best = (mid, rate)
         if rate > want:
@@ -325,12 +350,17 @@ def calibrate_on_engine(
     return best
 
 
+def iid_length(rate: float, k: int) -> float:
+    """The mean accepted length at k drafts of an i.i.d. per-draft rate: 1 + a + ... + a^k."""
+    return sum(rate**j for j in range(k + 1))
+
+
 def iid_rate(mean_accepted_length: float, k: int) -> float:
     """The per-draft rate a with 1 + a + ... + a^k = mean_accepted_length (bisection)."""
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        if sum(mid**j for j in range(k + 1)) < mean_accepted_length:
+        if iid_length(mid, k) < mean_accepted_length:
             lo = mid
         else:
             hi = mid
@@ -491,6 +521,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
 
     t0 = time.perf_counter()
     eng = make_engine(a, target, draft, big, k_max)
+    eng.runner.chain_proposals = not a.no_chain
     out["spec_engine"] = {"build_s": time.perf_counter() - t0, "cuda_graphs": _graph_report(eng)}
     print(f"spec engine: {out['spec_engine']}")
     learnt = AdaptiveSpecPolicy(k_max)  # one policy for the adaptive runs, as a replica keeps
@@ -521,16 +552,28 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                 out["skipped"].append({"batch": b, "acceptance": want, "what": "calibration"})
                 continue
             calib_len = a.output_len if b <= 8 else min(32, a.output_len)
+            # greedy (the headline level): the demo pair's mean accepted length at k_max, what
+            # the demo pair's rate was derived from (--greedy-calibration)
+            by_length = greedy and a.greedy_calibration == "accepted-length"
+            ck = k_max if by_length else 1
+            target = iid_length(want, k_max) if by_length else want
             sigma, measured = calibrate_on_engine(
-                eng, prompts[b], set_sigma, temp, want, sigma_hi, calib_len, a.device
+                eng, prompts[b], set_sigma, temp, target, sigma_hi, calib_len, a.device, k=ck
             )
-            print(f"T={temp} want {want} batch={b}: sigma {sigma:.4f}, k=1 acceptance {measured}")
+            # the replica-wide rate the adaptive policy starts from
+            rate = iid_rate(measured, k_max) if by_length else measured
+            calibration = {
+                "method": f"k={ck} " + ("mean accepted length" if by_length else "acceptance"),
+                "target": target,
+                "measured": measured,
+            }
+            print(f"T={temp} want {want} batch={b}: sigma {sigma:.4f}, {calibration}")
             policies = [("adaptive", k_max)] + [("fixed", k) for k in fixed]
             for kind, k in policies:
                 if not budget.left():
                     out["skipped"].append({"batch": b, "acceptance": want, "policy": kind, "k": k})
                     continue
-                policy = adaptive(measured) if kind == "adaptive" else FixedSpecPolicy(k)
+                policy = adaptive(rate) if kind == "adaptive" else FixedSpecPolicy(k)
                 eng.runner.spec_policy = policy
                 base, outs, res = paired_median(
                     base_eng, eng, prompts[b], a.output_len, a.device, temp, a.repeats
@@ -544,7 +587,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                     "temperature": temp,
                     "sigma": sigma,
                     "shared_path_acceptance": acceptance(sigma, greedy),
-                    "calibration_k1_acceptance": measured,
+                    "calibration": calibration,
                     "batch": b,
                     "policy": kind,
                     "k": k,
@@ -559,6 +602,9 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
                         "target_s": {f"{n:.0f}": t for n, t in policy.target.points()},
                         "draft_s": {f"{n:.0f}": t for n, t in policy.draft.points()},
                         "sync_overhead_s": {f"{n:.0f}": t for n, t in policy.overhead.points()},
+                        "sync_overhead_chained_s": {
+                            f"{n:.0f}": t for n, t in policy.overhead_chained.points()
+                        },
                         "catchup_s": {f"{n:.0f}": t for n, t in policy.catchup.points()},
                         # realized tokens/s of full speculating steps per batch bucket
                         "realized_tok_s": {

@@ -950,6 +950,7 @@ class ModelRunner:
             steady_requests=None,
             steady_padded_k=0,
             draft_lag=lags,
+            chained=True,
         )
         drafting = [(rid, k) for rid, k in plan.items() if k > 0]
         if not drafting:

@@ -48,6 +48,7 @@ class SwitchingPolicy(FixedSpecPolicy):
         steady_requests: int | None = None,
         steady_padded_k: int = 0,
         draft_lag: Sequence[tuple[int, int]] | None = None,
+        chained: bool = False,
     ) -> dict[str, int]:
         on = self.force if self.force is not None else self._on_left > 0
         if on:

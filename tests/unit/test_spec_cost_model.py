@@ -76,6 +76,29 @@ def test_a_step_holding_a_draft_catch_up_gives_no_overhead_sample() -> None:
     assert sum(len(w) for w in policy.realized.values()) == 1
 
 
+def test_chained_proposals_keep_their_own_sync_overhead() -> None:
+    """A step whose proposal was chained behind its verification (plan(chained=True)) samples
+    H into its own curve, and a chained plan is priced with it: at 0.5 acceptance the 8 ms a
+    proposal made after the result adds keeps speculation off, while the chained proposal's
+    0.1 ms lets k = 2 win (the costs of test_sync_overhead_is_priced_into_every_speculating_plan).
+    """
+    policy = AdaptiveSpecPolicy(4)
+    policy.target = curve((1, 0.010), (8, 0.010), (64, 0.020))
+    policy.draft = curve((1, 0.001), (1, 0.001))  # (settled: past its provisional sample)
+    policy._prev_full = policy._full = Plan([2], 1.0, 1.0, verify_s=0.010, draft_s=0.002)
+    for chained, wall in ((False, 0.020), (True, 0.0121)):
+        policy._full_chained = chained
+        for _ in range(3):
+            policy.observe_step(1, wall)
+    assert policy.overhead(1) == pytest.approx(0.008)
+    assert policy.overhead_chained(1) == pytest.approx(0.0001)
+    assert policy._price([0.5], [4], 1, 1, 4).num_spec == [0]
+    assert policy._price([0.5], [4], 1, 1, 4, chained=True).num_spec == [2]
+    for chained in (True, False):  # the plan records which curve its step's sample feeds
+        policy.plan([("r", 4)], num_requests=1, base_tokens=1, max_padded_k=4, chained=chained)
+        assert policy._full_chained is chained
+
+
 def test_cost_curve_median_of_recent_samples() -> None:
     c = CostCurve(window=3)
     c.observe(8, 1.000)  # a first run paying for compilation: replaced by the second sample

@@ -63,7 +63,11 @@ done while the draft runs (output processing, scheduling and input staging of th
 verification, which reads the drafts from the device: spec/proposer.py) is hidden behind the
 drafts and so absent from H; what H holds is the host work between the verification and the
 first draft forward. A step whose wall holds a draft catch-up (reported with the proposal's ids,
-in the step that waited for them) gives no sample. Host work does not depend on the acceptance
+in the step that waited for them) gives no sample. A step whose proposal was chained behind its
+verification on the device (ModelRunner._chain: greedy batches a whole-proposal graph covers)
+has next to no host work there: its samples go to a curve of their own, which prices the plans
+made for chaining (a batch of sampled requests proposes after the result and keeps the first
+curve's H). Host work does not depend on the acceptance
 rate, so the curve stays valid when acceptance moves; until a bucket is measured the curve
 interpolates between the batch sizes that were and stays flat past the largest (0 before any):
 an unmeasured large batch is priced at the largest measured H, tried, and vetoed by its realized
@@ -467,7 +471,9 @@ class SpecPolicy(Protocol):
     padded CUDA graph (0: none). ``steady_requests`` is given for a step with prefill chunks:
     the batch it is growing into (``steady_padded_k``: that batch's max_padded_k).
     ``draft_lag`` (aligned with ``candidates``): (verified tokens the draft has not run over,
-    tokens the request may still generate)."""
+    tokens the request may still generate). ``chained``: the plan's proposal will be queued
+    behind the step's verification on the device (ModelRunner._chain), so the host adds
+    almost nothing between them."""
 
     def plan(
         self,
@@ -479,6 +485,7 @@ class SpecPolicy(Protocol):
         steady_requests: int | None = None,
         steady_padded_k: int = 0,
         draft_lag: Sequence[tuple[int, int]] | None = None,
+        chained: bool = False,
     ) -> dict[str, int]: ...
 
     def observe_verification(self, request_id: str, drafted: int, accepted: int) -> None: ...
@@ -535,6 +542,7 @@ class FixedSpecPolicy:
         steady_requests: int | None = None,
         steady_padded_k: int = 0,
         draft_lag: Sequence[tuple[int, int]] | None = None,
+        chained: bool = False,
     ) -> dict[str, int]:
         return {rid: min(cap, self.per_request.get(rid, self.k)) for rid, cap in candidates}
 
@@ -619,6 +627,10 @@ class AdaptiveSpecPolicy:
         # speculating steps sample H), so its buckets take their lower quartile: the minimum of
         # up to four samples.
         self.overhead = CostCurve(extrapolate=False, quantile=0.25)
+        # The same for steps whose proposal was chained behind their verification (plan's
+        # ``chained``): their host work between the two is almost none, and one curve for both
+        # kinds would price a sampled batch's H at a greedy one's.
+        self.overhead_chained = CostCurve(extrapolate=False, quantile=0.25)
         self.min_gain = min_gain
         self.min_samples = min_samples
         self.explore_interval = explore_interval
@@ -664,6 +676,7 @@ class AdaptiveSpecPolicy:
         # None; and the plan before it. A step verifies the one's drafts, proposes the other's.
         self._full: Plan | None = None
         self._prev_full: Plan | None = None
+        self._full_chained = False  # the latest plan's proposal is chained (plan's ``chained``)
         self._catchup_in_step = False  # observe_catchup since the last observe_step
         self.last_plan: Plan | None = None
         self.stats = PolicyStats()
@@ -678,12 +691,14 @@ class AdaptiveSpecPolicy:
         steady_requests: int | None = None,
         steady_padded_k: int = 0,
         draft_lag: Sequence[tuple[int, int]] | None = None,
+        chained: bool = False,
     ) -> dict[str, int]:
         self._num_plans += 1
         self._fade(candidates)
         self._skipped = 0
         self._paused_bucket = self._prefill_paused = None
         self._prev_full, self._full = self._full, None
+        self._full_chained = chained
         if not candidates:
             return {}
         self.stats.plans += 1
@@ -706,7 +721,7 @@ class AdaptiveSpecPolicy:
             return {rid: 0 for rid, _ in candidates}
         rates = [self.tracker.rate(rid) for rid, _ in candidates]
         caps = [min(cap, self.max_k) for _, cap in candidates]
-        plan = self._price(rates, caps, num_requests, base_tokens, max_padded_k, draft_lag)
+        plan = self._price(rates, caps, num_requests, base_tokens, max_padded_k, draft_lag, chained)
         # (a prefill step's off rate is its chunks': _steady_verdict checked the decode batch)
         vetoed = (
             steady_requests is None
@@ -837,7 +852,8 @@ class AdaptiveSpecPolicy:
             return
         if prev is not None and cur is not None and seconds > 0:
             h = seconds - prev.verify_s - cur.draft_s
-            self.overhead.observe(num_requests, max(h, 1e-6))
+            curve = self.overhead_chained if self._full_chained else self.overhead
+            curve.observe(num_requests, max(h, 1e-6))
             if num_tokens > 0:
                 window = self.realized.setdefault(_bucket(num_requests), deque(maxlen=16))
                 window.append((num_tokens, seconds))
@@ -888,8 +904,10 @@ class AdaptiveSpecPolicy:
         base_tokens: int,
         max_padded_k: int,
         draft_lag: Sequence[tuple[int, int]] | None = None,
+        chained: bool = False,
     ) -> Plan:
-        """``plan_speculation`` with this policy's curves, overhead and catch-up price."""
+        """``plan_speculation`` with this policy's curves, overhead (``chained``: of a chained
+        proposal) and catch-up price."""
         catchup, per_token = self._catchup(rates, caps, draft_lag)
         return plan_speculation(
             rates,
@@ -900,7 +918,8 @@ class AdaptiveSpecPolicy:
             draft_time=self.draft.settled,
             min_gain=self.min_gain,
             max_padded_k=max_padded_k,
-            overhead=self.overhead.settled(num_requests) or 0.0,
+            overhead=(self.overhead_chained if chained else self.overhead).settled(num_requests)
+            or 0.0,
             catchup=catchup,
             catchup_s_per_token=per_token,
             drain_tokens=max((left for _, left in draft_lag or ()), default=0),
