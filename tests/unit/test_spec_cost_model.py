@@ -72,8 +72,11 @@ def test_a_step_holding_a_draft_catch_up_gives_no_overhead_sample() -> None:
     policy.observe_step(64, 0.047, num_tokens=150)
     assert not policy.overhead and not policy.realized
     policy.observe_step(64, 0.0135, num_tokens=150)
-    assert policy.overhead(64) == pytest.approx(0.0005)
+    assert policy.overhead.count_near(64) == 1
     assert sum(len(w) for w in policy.realized.values()) == 1
+    for _ in range(2):  # (a bucket of H counts from its third observation)
+        policy.observe_step(64, 0.0135, num_tokens=150)
+    assert policy.overhead(64) == pytest.approx(0.0005)
 
 
 def test_chained_proposals_keep_their_own_sync_overhead() -> None:
@@ -144,6 +147,24 @@ def test_sync_overhead_takes_the_lower_quartile_of_its_samples() -> None:
     assert CostCurve().quantile == 0.5 and policy.target.quantile == policy.draft.quantile == 0.5
     with pytest.raises(ValueError, match="quantile"):
         CostCurve(quantile=1.5)
+
+
+def test_an_h_bucket_counts_from_its_third_observation() -> None:
+    """The H100 run where greedy steps were chained and the plain curve got only the rare
+    unchained ones: one 10 ms sample at batch 3 and one 24 ms at 54 priced H(8) at ~13 ms and
+    kept a sampled batch of 8 off. Such buckets stand for nothing until a third observation;
+    batch 8 reads the measured batch-1 H (flat past it)."""
+    policy = AdaptiveSpecPolicy(max_k=8)
+    h = policy.overhead
+    assert h.min_count == 3 and policy.overhead_chained.min_count == 3
+    for _ in range(3):
+        h.observe(1, 0.0004)
+    for size, seconds in ((3, 0.0102), (3, 0.0102), (54, 0.0239)):  # two observations at 3
+        h.observe(size, seconds)
+    assert h(8) == pytest.approx(0.0004) and h.points() == [(1.0, 0.0004)]
+    h.observe(3, 0.0007)  # the third: the bucket counts, at its lower quartile
+    assert h(3) == pytest.approx(0.0007)
+    assert CostCurve(min_count=2)(1) is None and CostCurve().min_count == 1
 
 
 def test_expected_tokens_and_drafts_worth() -> None:
@@ -703,9 +724,9 @@ def test_measured_sync_overhead_turns_off_what_the_forwards_alone_misprice() -> 
     alone price k = 1 at 182.4 tokens per 10.56 + 1.19 ms = 15.5k tok/s against 12.0k off (96
     per 8 ms), a 1.29x gain, but a speculating step really takes 17.75 ms (10.3k tok/s) while a
     paused step hides the host work. Blind to it, the policy speculates throughout and is 14%
-    slower than off; H, measured on the steps between full speculating plans (its first sample
-    is provisional, so from the second), turns it off after three, and the probes (a few
-    requests, two drafts) keep it off."""
+    slower than off; H, measured on the steps between full speculating plans (a bucket counts
+    from its third observation: two samples past the provisional one), turns it off after
+    four, and the probes (a few requests, two drafts) keep it off."""
     batch, rate, host = 96, 0.9, 0.006
     off_rate = batch / h100_like_target(batch)
 
@@ -720,7 +741,7 @@ def test_measured_sync_overhead_turns_off_what_the_forwards_alone_misprice() -> 
     got, spec_steps = simulate_engine(aware, batch, rate, 512, host_s=host)
     assert aware.overhead(batch) == pytest.approx(host)
     assert got > 0.98 * off_rate
-    assert spec_steps - aware.stats.probes - aware.stats.explores_on == 3
+    assert spec_steps - aware.stats.probes - aware.stats.explores_on == 4
 
 
 def test_measured_sync_overhead_keeps_a_winning_plan() -> None:
@@ -873,14 +894,14 @@ def test_a_request_about_to_finish_does_not_pause_the_next_one() -> None:
     off plan for the finishing request does not pause speculation, so the request after it
     plans (and drafts) at once instead of after ``pause_replan_interval`` steps."""
     policy = warm_policy(1)
-    for _ in range(2):
+    for _ in range(3):  # (a bucket of H counts from its third observation)
         policy.overhead.observe(1, 0.006)
     assert policy.plan([("old", 1)], num_requests=1, base_tokens=1, max_padded_k=5) == {"old": 0}
     assert not policy.speculation_paused(1)
     assert policy.plan([("new", 5)], num_requests=1, base_tokens=1, max_padded_k=5) == {"new": 5}
     # an off plan for requests that could draft more does pause
     slow = warm_policy(1)
-    for _ in range(2):
+    for _ in range(3):
         slow.overhead.observe(1, 0.030)
     assert slow.plan([("a", 5)], num_requests=1, base_tokens=1, max_padded_k=5) == {"a": 0}
     assert slow.speculation_paused(1)
@@ -1023,6 +1044,7 @@ def test_the_policy_drains_by_the_candidates_tokens_left() -> None:
         policy.observe_target(n, t)
     for _ in range(2):
         policy.observe_draft(64, 0.0015)
+    for _ in range(3):  # (a bucket of H counts from its third observation)
         policy.overhead.observe(64, 0.004)
     policy._explored_at[adaptive_bucket(64)] = 0
     cands = [(f"q{i}", 4) for i in range(64)]

@@ -186,14 +186,25 @@ class CostCurve:
 
     ``quantile``: which order statistic of a bucket's samples stands for it, index
     ``floor((count - 1) * quantile)`` of the sorted seconds (0.5: the lower median; 0: the
-    minimum)."""
+    minimum).
 
-    def __init__(self, window: int = 8, *, extrapolate: bool = True, quantile: float = 0.5) -> None:
+    ``min_count``: a bucket stands for nothing until it holds this many observations (its
+    provisional one included); a curve with no such bucket reads None."""
+
+    def __init__(
+        self,
+        window: int = 8,
+        *,
+        extrapolate: bool = True,
+        quantile: float = 0.5,
+        min_count: int = 1,
+    ) -> None:
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         self.window = window
         self.extrapolate = extrapolate
         self.quantile = quantile
+        self.min_count = min_count
         self._samples: dict[int, deque[tuple[int, float]]] = {}
         self._counts: dict[int, int] = {}
         self._sorted: list[tuple[float, float]] | None = None  # points by size, rebuilt lazily
@@ -231,7 +242,9 @@ class CostCurve:
         batch 8 on the H100 and kept speculation off at 0.95x)."""
         if self._sorted is None:
             pts = []
-            for samples in self._samples.values():
+            for b, samples in self._samples.items():
+                if self._counts.get(b, 0) < self.min_count:
+                    continue
                 secs = sorted(t for _, t in samples)
                 at = int((len(secs) - 1) * self.quantile)
                 pts.append((sum(n for n, _ in samples) / len(samples), secs[at]))
@@ -239,9 +252,9 @@ class CostCurve:
         return self._sorted
 
     def __call__(self, size: float) -> float | None:
-        if not self._samples:
-            return None
         pts = self.points()
+        if not pts:
+            return None
         if size <= pts[0][0]:
             return pts[0][1]
         if size >= pts[-1][0]:
@@ -625,12 +638,15 @@ class AdaptiveSpecPolicy:
         # 0-2 ms). Two FP8-draft runs of four priced H(8) at 6.2-6.5 ms (the mean of two
         # samples, then the lower median) and kept speculation off for good (0.94-0.95x; only
         # speculating steps sample H), so its buckets take their lower quartile: the minimum of
-        # up to four samples.
-        self.overhead = CostCurve(extrapolate=False, quantile=0.25)
+        # up to four samples. And a bucket counts from its third observation (two samples past
+        # the provisional one): one stalled sample alone set H(3) at 10 ms and H(54) at 24 ms in
+        # a run whose unchained greedy steps were rare (the first proposal after a pause runs
+        # the draft's eager loop), and kept its sampled batch of 8 off (0.97x).
+        self.overhead = CostCurve(extrapolate=False, quantile=0.25, min_count=3)
         # The same for steps whose proposal was chained behind their verification (plan's
         # ``chained``): their host work between the two is almost none, and one curve for both
         # kinds would price a sampled batch's H at a greedy one's.
-        self.overhead_chained = CostCurve(extrapolate=False, quantile=0.25)
+        self.overhead_chained = CostCurve(extrapolate=False, quantile=0.25, min_count=3)
         self.min_gain = min_gain
         self.min_samples = min_samples
         self.explore_interval = explore_interval
