@@ -855,7 +855,8 @@ def test_prefill_without_realized_evidence_does_not_pause_its_decode_steps() -> 
 def test_draft_catch_up_is_priced_over_the_tokens_left() -> None:
     """64 requests whose drafts fell 130 tokens behind (speculation was off); a catch-up forward
     measured at 1 ms for 128 tokens and 33 ms for 8192 (a 1B draft: a fixed cost, then ~4 us
-    per token). Feeding all 64 lags (8320 tokens) costs 33.5 ms. With 3 tokens left each,
+    per token). Feeding all 64 lags (8320 tokens) costs 33 ms (flat past the largest size
+    measured: tried, it is measured there). With 3 tokens left each,
     that is paid within one step for at most 2 extra tokens per request: no drafts. With 500
     left, it is spread over the 32-step horizon (1 ms per step): the plan still drafts."""
     rids = [(f"r{i}", 5) for i in range(64)]
@@ -885,7 +886,24 @@ def test_draft_catch_up_is_priced_over_the_tokens_left() -> None:
     # one request's 130 tokens: priced near the small forward's (fixed-cost) rate, ~8 us/token
     assert per_token == pytest.approx((0.001 + 2 * (0.032 / 8064)) / 130)
     _, per_token_all = policy._catchup([0.9] * 64, [5] * 64, [(130, 3)] * 64)
-    assert per_token_all == pytest.approx((0.001 + (8320 - 128) * (0.032 / 8064)) / 8320)
+    assert per_token_all == pytest.approx(0.033 / 8320)
+
+
+def test_an_unmeasured_large_catch_up_is_tried() -> None:
+    """H100, FP8 draft, a slow host: catch-ups measured 13.1 ms at 129 tokens, 13.8 at 520 and
+    21.5 at 1032 (an eager forward's launches, then compute). Carried along the last slope, a
+    batch of 64 requests 128 tokens behind (8192 tokens) priced 129 ms and the batch never
+    drafted; flat past 1032, the same plan drafts (and the catch-up, once run, is measured)."""
+    rids = [(f"r{i}", 5) for i in range(64)]
+    policy = warm_policy(64)
+    for n, t in ((129, 0.0131), (520, 0.0138), (1032, 0.0215)):
+        policy.observe_catchup(n, t)
+        policy.observe_catchup(n, t)
+    assert policy.catchup(8192) == pytest.approx(0.0215)
+    plan = policy.plan(
+        rids, num_requests=64, base_tokens=64, max_padded_k=5, draft_lag=[(128, 128)] * 64
+    )
+    assert all(k > 0 for k in plan.values())
 
 
 def test_a_request_about_to_finish_does_not_pause_the_next_one() -> None:

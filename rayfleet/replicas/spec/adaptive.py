@@ -102,8 +102,9 @@ Draft catch-up. While speculation is off for a request its draft KV falls behind
 proposal after that feeds the draft every verified token since (a prefill). A plan pays for its
 drafting requests' catch-up, spread over the steps each has left (tokens left over expected
 tokens per step, at most ``catchup_horizon``), at the seconds per token of a catch-up forward
-of that size (a fourth curve, over the tokens a catch-up feeds: ``observe_catchup``): a request
-130 tokens behind with 3 tokens to go is not worth drafting for; one with 500 to go is.
+of that size (a fourth curve, over the tokens a catch-up feeds: ``observe_catchup``; flat past
+the largest size measured, like H: a catch-up larger than any seen is tried, then measured): a
+request 130 tokens behind with 3 tokens to go is not worth drafting for; one with 500 to go is.
 
 Prefill steps. A step that carries prefill chunks cannot be measured (its cost is the chunks'),
 and drafting in it also feeds the chunks to the draft. It speculates only if a decode step of the
@@ -659,8 +660,13 @@ class AdaptiveSpecPolicy:
         self.min_realized = min_realized
         self.realized_min_gain = realized_min_gain
         self.catchup_horizon = catchup_horizon
-        # Seconds of a draft catch-up forward by the tokens it feeds (unmeasured: free).
-        self.catchup = CostCurve()
+        # Seconds of a draft catch-up forward by the tokens it feeds (unmeasured: free), flat
+        # past the largest size measured: an eager forward's launches dominate small catch-ups
+        # (H100, FP8 llama-3.2-1b draft, a slow host: 13.1 ms at 129 tokens, 13.8 at 520, 21.5 at
+        # 1032), and carried along that last slope to a batch-64 catch-up of 8192 tokens they
+        # priced 129 ms, kept that batch's greedy run off from its first decode step (1.00x
+        # where it realizes 1.19x) and so never measured it. Flat, it is tried and measured.
+        self.catchup = CostCurve(extrapolate=False)
         # Per batch bucket: (tokens, seconds) of recent steps between two full plans,
         # and, while a veto stands, the plan number at which its samples are dropped for a
         # retrial and the interval until the next one.
