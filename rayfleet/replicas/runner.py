@@ -913,12 +913,19 @@ class ModelRunner:
         rids, ks = inp.sample_rids, inp.num_spec
         if graphs is None or len(rids) != len(sched.num_scheduled_tokens) or not all(ks):
             return None  # (a prefill chunk, or a request without drafts, in the step)
+        # Checked before planning, so that a chained plan is one a graph replays (the policy
+        # prices and measures chained plans apart): a batch past the largest proposal graph,
+        # a verification deeper than the graphs' k (the input kernel's bound), a block table
+        # wider than theirs.
+        if not graphs.sizes or len(rids) > graphs.sizes[-1] or max(ks) > graphs.max_k:
+            return None
         pending = None
         for rid, k in zip(rids, ks):
             st = self.requests[rid]
             p = st.params
             if (
-                st.pending is None
+                len(st.block_ids) > graphs.width
+                or st.pending is None
                 or (pending is not None and st.pending is not pending)
                 or p.temperature >= MIN_TEMPERATURE
                 or reads_history(p)
@@ -939,7 +946,8 @@ class ModelRunner:
                 n + k + 1, done + k + 1, st.params.max_tokens, self.max_model_len
             )
             room = min(len(st.block_ids) * bs, graphs.max_seq_len) - (n + k)
-            candidates.append((rid, max(0, min(self.num_speculative_tokens, left, room))))
+            cap = min(self.num_speculative_tokens, graphs.max_k, left, room)
+            candidates.append((rid, max(0, cap)))
             lags.append((2, left + 1))
         b = len(rids)
         plan = self.spec_policy.plan(
@@ -955,11 +963,8 @@ class ModelRunner:
         drafting = [(rid, k) for rid, k in plan.items() if k > 0]
         if not drafting:
             return _Chain(plan, [], None)
-        kmax = max(k for _, k in drafting)
-        sizes = [s for s in graphs.sizes if s >= len(drafting)]
-        if not sizes or kmax > graphs.max_k:
-            return _Chain(plan, [], None)
-        key = (sizes[0], 2, kmax)
+        kmax = max(k for _, k in drafting)  # (<= num_speculative_tokens = graphs.max_k)
+        key = (next(s for s in graphs.sizes if s >= len(drafting)), 2, kmax)
         row_of = {}
         off = 0
         for rid, k in zip(rids, ks):
@@ -969,8 +974,6 @@ class ModelRunner:
         reqs, params = [], []
         for rid, k in drafting:
             st = self.requests[rid]
-            if len(st.block_ids) > graphs.width:
-                return _Chain(plan, [], None)
             n = len(st.token_ids)
             # (as if no draft were accepted: the device moves it up by a, run_chained)
             reqs.append(self._draft_request(rid, st, n + 1, k, start=n - 1))

@@ -354,24 +354,36 @@ def test_greedy_proposals_replay_whole_proposal_graphs(models_dir, reference) ->
     or 2 tokens), with per-request k mixing 1..4 (shorter rows write the null slot after their
     last draft); output equals plain greedy decoding. Chained (the runner's "chained
     proposals"), every proposal after the first verification runs behind its verification and
-    finds the accepted tokens on the device (test_proposal_graphs checks its drafts against a
-    proposal made after the result)."""
+    finds the accepted tokens on the device: wherever a request reaches the same verified
+    tokens in both runs, it verifies the same drafts (the chained plan may carry fewer near a
+    request's end: it plans for every draft accepted)."""
     per_request = {f"req-{i}": k for i, k in enumerate([1, 4, 2, 3])}
-    stats = []
+    verified: list[dict] = []  # per run: (request, verified tokens) -> the drafts it verified
     for chain in (False, True):
         llm = spec_llm(
             models_dir["target"], models_dir["partial"], 4, FixedSpecPolicy(4, per_request)
         )
-        llm.engine.runner.chain_proposals = chain
+        runner = llm.engine.runner
+        runner.chain_proposals = chain
         replays = emulate_graphs(llm)
-        proposer = llm.engine.runner.proposer
         proposals = []
-        propose = proposer.propose
-        proposer.propose = lambda reqs, p=propose, log=proposals: log.append(reqs) or p(reqs)
+        propose = runner.proposer.propose
+        runner.proposer.propose = lambda reqs, p=propose, log=proposals: log.append(reqs) or p(reqs)
+        seen: dict = {}
+        sample = runner._sample
+
+        def recording(logits, rids, num_spec, out, *args, seen=seen, runner=runner, f=sample):
+            for rid, k in zip(rids, num_spec):
+                st = runner.requests[rid]
+                if k:
+                    seen[rid, tuple(st.token_ids)] = list(st.spec_token_ids[:k])
+            return f(logits, rids, num_spec, out, *args)
+
+        runner._sample = recording
         outs = llm.generate(PROMPTS[:4], GREEDY)
         assert [o.token_ids for o in outs] == reference[:4]
         assert_pool_full(llm)
-        stats.append(sum(o.spec.num_accepted for o in outs))
+        verified.append(seen)
         whole = sum(n for (m, _), n in replays.items() if m == "proposal")
         chained = sum(n for (m, _), n in replays.items() if m == "chained")
         steady = [r for r in proposals if max(x.end - x.start for x in r) <= 2]
@@ -381,7 +393,12 @@ def test_greedy_proposals_replay_whole_proposal_graphs(models_dir, reference) ->
             assert chained >= 8 and whole <= 2 and replays["chained", 4] > 0
         else:
             assert chained == 0 and whole >= 8 and replays["proposal", 4] > 0
-    assert all(n > 0 for n in stats)  # (the partial draft agrees sometimes)
+    plain, chained_run = verified
+    common = plain.keys() & chained_run.keys()
+    assert len(common) >= 8
+    for key in common:
+        n = min(len(plain[key]), len(chained_run[key]))
+        assert chained_run[key][:n] == plain[key][:n], key[0]
 
 
 def test_greedy_and_seeded_equal_with_emulated_graphs(models_dir, reference) -> None:
@@ -534,7 +551,31 @@ def test_chained_proposals_end_where_plain_decoding_does(models_dir, reference, 
                     assert a.token_id == b.token_id and a.rank == b.rank
                     assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
     assert sum(n for (m, _), n in replays.items() if m == "chained") >= len(cases)
+    if draft == "same":  # the target as its own draft: a chained proposal's KV must hold up
+        assert all(o.spec.num_accepted == o.spec.num_drafted > 0 for o in got)
     assert_pool_full(spec)
+
+
+def test_no_chained_plan_past_the_largest_proposal_graph(models_dir, reference) -> None:
+    """A step whose batch no proposal graph covers is planned as unchained (the policy prices
+    and samples H per kind), and proposes after its result; output equals plain decoding."""
+    policy = RecordingPolicy(3, {})
+    kinds: list[bool] = []
+    plan = policy.plan
+
+    def recording(candidates, *, chained=False, **kw):
+        kinds.append(chained)
+        return plan(candidates, **kw)
+
+    policy.plan = recording  # type: ignore[method-assign]
+    llm = spec_llm(models_dir["target"], models_dir["partial"], 3, policy)
+    replays = emulate_graphs(llm, sizes=(1, 2))
+    outs = llm.generate(PROMPTS[:3], GREEDY)  # 3 requests: past the largest graph, 2
+    assert [o.token_ids for o in outs] == reference[:3]
+    assert kinds and not any(kinds) and not any(m == "chained" for m, _ in replays)
+    outs = llm.generate(PROMPTS[:2], GREEDY)
+    assert [o.token_ids for o in outs] == reference[:2]
+    assert any(kinds) and any(m == "chained" for m, _ in replays)
 
 
 def test_max_model_len_and_logprobs(models_dir) -> None:

@@ -97,6 +97,9 @@ def test_chained_proposals_keep_their_own_sync_overhead() -> None:
     assert policy.overhead_chained(1) == pytest.approx(0.0001)
     assert policy._price([0.5], [4], 1, 1, 4).num_spec == [0]
     assert policy._price([0.5], [4], 1, 1, 4, chained=True).num_spec == [2]
+    # a dry verdict cannot tell how its steps would propose: the larger of the two
+    assert policy._overhead(1, None) == pytest.approx(0.008)
+    assert policy._overhead(64, True) == pytest.approx(0.0001)  # (flat past batch 1)
     for chained in (True, False):  # the plan records which curve its step's sample feeds
         policy.plan([("r", 4)], num_requests=1, base_tokens=1, max_padded_k=4, chained=chained)
         assert policy._full_chained is chained

@@ -67,7 +67,8 @@ in the step that waited for them) gives no sample. A step whose proposal was cha
 verification on the device (ModelRunner._chain: greedy batches a whole-proposal graph covers)
 has next to no host work there: its samples go to a curve of their own, which prices the plans
 made for chaining (a batch of sampled requests proposes after the result and keeps the first
-curve's H). Host work does not depend on the acceptance
+curve's H); a dry verdict, which cannot tell how the steps it prices would propose, takes the
+larger of the two. Host work does not depend on the acceptance
 rate, so the curve stays valid when acceptance moves; until a bucket is measured the curve
 interpolates between the batch sizes that were and stays flat past the largest (0 before any):
 an unmeasured large batch is priced at the largest measured H, tried, and vetoed by its realized
@@ -802,7 +803,9 @@ class AdaptiveSpecPolicy:
             # One early rejection must not keep a batch-1 request off for its whole output.
             prior = [self.tracker.global_rate] * len(rates)
             at_prior = not vetoed and any(
-                self._price(prior, caps, num_requests, base_tokens, max_padded_k).num_spec
+                self._price(
+                    prior, caps, num_requests, base_tokens, max_padded_k, chained=chained
+                ).num_spec
             )
             self._pause_limit = self.explore_interval if at_prior else self.pause_replan_interval
         for (rid, _), k in zip(candidates, plan.num_spec):
@@ -926,10 +929,10 @@ class AdaptiveSpecPolicy:
         base_tokens: int,
         max_padded_k: int,
         draft_lag: Sequence[tuple[int, int]] | None = None,
-        chained: bool = False,
+        chained: bool | None = False,
     ) -> Plan:
         """``plan_speculation`` with this policy's curves, overhead (``chained``: of a chained
-        proposal) and catch-up price."""
+        proposal; None: not known, the larger of the two) and catch-up price."""
         catchup, per_token = self._catchup(rates, caps, draft_lag)
         return plan_speculation(
             rates,
@@ -940,12 +943,21 @@ class AdaptiveSpecPolicy:
             draft_time=self.draft.settled,
             min_gain=self.min_gain,
             max_padded_k=max_padded_k,
-            overhead=(self.overhead_chained if chained else self.overhead).settled(num_requests)
-            or 0.0,
+            overhead=self._overhead(num_requests, chained),
             catchup=catchup,
             catchup_s_per_token=per_token,
             drain_tokens=max((left for _, left in draft_lag or ()), default=0),
         )
+
+    def _overhead(self, num_requests: int, chained: bool | None) -> float:
+        """H at this batch size for a chained proposal, an unchained one, or (None) one of
+        either kind: the larger (0 where unmeasured)."""
+        curves = {
+            True: (self.overhead_chained,),
+            False: (self.overhead,),
+            None: (self.overhead, self.overhead_chained),
+        }[chained]
+        return max((c.settled(num_requests) or 0.0) for c in curves)
 
     def _steady_verdict(
         self,
@@ -971,7 +983,8 @@ class AdaptiveSpecPolicy:
         rates += [self.tracker.global_rate] * fill
         caps += [self.max_k] * fill
         lags = None if draft_lag is None else [*draft_lag, *[(0, 0)] * fill]
-        plan = self._price(rates, caps, n, n, padded_k, lags)
+        # (whether those steps' proposals would be chained is not known here)
+        plan = self._price(rates, caps, n, n, padded_k, lags, chained=None)
         if not any(plan.num_spec):
             return "off"
         wins = self._realized_wins(n, plan.off_tokens_per_s)
