@@ -853,10 +853,8 @@ class ModelRunner:
         reqs = []
         for rid, k in plan.items():
             st = self.requests[rid]
-            if chain is not None:
-                # planned before the verification's result: what is left of it now
-                cap = self._draft_room(st)[0] if not self._finished_by_token(st) else 0
-                k = min(k, cap)
+            if chain is not None:  # planned before the verification's result
+                k = min(k, self._drafts_left(st))
             if k > 0:
                 reqs.append(self._draft_request(rid, st, len(st.token_ids), k))
         if reqs:
@@ -940,15 +938,11 @@ class ModelRunner:
         candidates, lags = [], []
         for rid, k in zip(rids, ks):
             st = self.requests[rid]
-            n, done = len(st.token_ids), len(st.output_token_ids)
             # every draft accepted: the most tokens made, the deepest position written
-            left = max_num_spec_tokens(
-                n + k + 1, done + k + 1, st.params.max_tokens, self.max_model_len
-            )
-            room = min(len(st.block_ids) * bs, graphs.max_seq_len) - (n + k)
-            cap = min(self.num_speculative_tokens, graphs.max_k, left, room)
-            candidates.append((rid, max(0, cap)))
-            lags.append((2, left + 1))
+            cap, (_, left) = self._draft_room(st, ahead=k + 1)
+            room = min(len(st.block_ids) * bs, graphs.max_seq_len) - (len(st.token_ids) + k)
+            candidates.append((rid, max(0, min(cap, graphs.max_k, room))))
+            lags.append((2, left))
         b = len(rids)
         plan = self.spec_policy.plan(
             candidates,
@@ -1006,8 +1000,7 @@ class ModelRunner:
             st = self.requests[r.request_id]
             # The draft fed x_{L'-1} (L' = len(token_ids) now) and d_1 .. d_{k-1} after it.
             st.draft_num_computed = len(st.token_ids) + r.num_spec - 1
-            cap = 0 if self._finished_by_token(st) else self._draft_room(st)[0]
-            k = min(r.num_spec, cap)
+            k = min(r.num_spec, self._drafts_left(st))
             if k > 0:
                 st.spec_token_ids, st.pending, st.draft_probs = [], proposals, None
                 out.spec_token_ids[r.request_id] = [DRAFT_PLACEHOLDER] * k
@@ -1032,12 +1025,18 @@ class ModelRunner:
                 policy.observe_catchup(*proposals.catchup)
         self._pending = []
 
-    def _draft_room(self, st: _RunnerRequest) -> tuple[int, tuple[int, int]]:
+    def _drafts_left(self, st: _RunnerRequest) -> int:
+        """What a plan made before this step's result may still give the request: nothing
+        once its newest token ended it, else its room (_draft_room)."""
+        return 0 if self._finished_by_token(st) else self._draft_room(st)[0]
+
+    def _draft_room(self, st: _RunnerRequest, ahead: int = 0) -> tuple[int, tuple[int, int]]:
         """The most drafts the request may take next step (0: none), and its draft lag for the
         policy: (verified tokens the draft has not run over, tokens it may still generate).
-        Tokens still in flight (overlapped steps) count as generated."""
-        n = len(st.token_ids) + st.num_pending
-        done = len(st.output_token_ids) + st.num_pending
+        Tokens still in flight (overlapped steps) count as generated, and so do ``ahead`` more
+        (a chained plan's worst case, _chain)."""
+        n = len(st.token_ids) + st.num_pending + ahead
+        done = len(st.output_token_ids) + st.num_pending + ahead
         left = max_num_spec_tokens(n, done, st.params.max_tokens, self.max_model_len)
         cap = max(0, min(self.num_speculative_tokens, left))
         return cap, (n - st.draft_num_computed, left + 1)

@@ -52,7 +52,7 @@ about 17 s more engine start-up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -325,15 +325,7 @@ class ProposalGraphs:
         size, q, k = key
         values = self._host_inputs(reqs, size, q, k)
         self._stage(reqs, values)
-        graph = self.graphs.get(key)
-        if graph is None:
-            if not self.emulated:
-                raise KeyError(f"no proposal graph for {key}")
-            self._body(size, q, k, values)
-        else:
-            graph.replay()
-        # A copy: the next proposal overwrites the static drafts while these may still be read.
-        return self.drafts[: size * k].view(size, k)[: len(reqs)].clone()
+        return self._replay(key, len(reqs), lambda: values)
 
     def run_chained(
         self,
@@ -358,15 +350,25 @@ class ProposalGraphs:
             values += [0] * (size - len(reqs))  # padding rows: kv = 0, so a = 0
         self._stage(reqs, values)
         self._derive_chained(size, k, best, verified_drafts)
+        # (emulated: the values the device derived, read back)
+        total = _Layout.of(size, q, k).total
+        return self._replay(key, len(reqs), lambda: self.inputs[:total].tolist())
+
+    def _replay(
+        self, key: tuple[int, int, int], num_reqs: int, host_values: Callable[[], list[int]]
+    ) -> torch.Tensor:
+        """Replay the staged proposal ``key`` (emulated: its body, eagerly, with the staged
+        values on the host, ``host_values()``); the drafts of its first ``num_reqs`` rows."""
+        size, q, k = key
         graph = self.graphs.get(key)
         if graph is None:
             if not self.emulated:
                 raise KeyError(f"no proposal graph for {key}")
-            lay = _Layout.of(size, q, k)
-            self._body(size, q, k, self.inputs[: lay.total].tolist())
+            self._body(size, q, k, host_values())
         else:
             graph.replay()
-        return self.drafts[: size * k].view(size, k)[: len(reqs)].clone()
+        # A copy: the next proposal overwrites the static drafts while these may still be read.
+        return self.drafts[: size * k].view(size, k)[:num_reqs].clone()
 
     def _derive_chained(
         self,
