@@ -143,6 +143,12 @@ def parse_args() -> argparse.Namespace:
         help="engine config: CUDA graphs up to this batch (0 = eager)",
     )
     p.add_argument(
+        "--cuda-graph-prefill-tokens",
+        type=int,
+        default=1024,
+        help="engine config: short prefills (prompts, the draft's catch-up) replay CUDA graphs",
+    )
+    p.add_argument(
         "--draft-quantization",
         choices=["fp8"],
         default=None,
@@ -437,6 +443,7 @@ def make_engine(a, target, draft, batch: int, k: int) -> Engine:
         kw["num_speculative_tokens"] = k
         kw["draft_quantization"] = a.draft_quantization
     kw["cuda_graph_max_batch_size"] = a.cuda_graph_max_batch_size
+    kw["cuda_graph_prefill_tokens"] = a.cuda_graph_prefill_tokens
     config = EngineConfig.from_kwargs("<random llama-3-8b>", **kw)
     return Engine(config, model=target, draft_model=draft)
 
@@ -499,6 +506,7 @@ def bench_speed(a: argparse.Namespace, demo_rate: float | None, budget: Budget) 
         "policy": "adaptive" + (" (fresh per run)" if a.cold_policy else " (warm cost curves)"),
         "fixed_k": fixed,
         "cuda_graph_max_batch_size": a.cuda_graph_max_batch_size,
+        "cuda_graph_prefill_tokens": a.cuda_graph_prefill_tokens,
         "baseline": {},  # temperature 1, by batch (as in earlier results)
         "baseline_by_temperature": {},
         "spec": [],

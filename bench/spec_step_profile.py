@@ -64,6 +64,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also time --repeats runs each with chained proposals off and on, alternating",
     )
+    p.add_argument(
+        "--cuda-graph-prefill-tokens",
+        type=int,
+        default=1024,
+        help="engine config: short prefills (the prompt, the draft's catch-up) replay CUDA graphs",
+    )
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--output-json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -89,6 +95,7 @@ def pair_args(a: argparse.Namespace) -> argparse.Namespace:
         rank=256,
         draft_quantization=a.draft_quantization,
         cuda_graph_max_batch_size=256,
+        cuda_graph_prefill_tokens=a.cuda_graph_prefill_tokens,
     )
 
 

@@ -33,6 +33,13 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_required: bool = False
         default=256,
         help="decode batches up to this size replay CUDA graphs; larger run eagerly (0 = none)",
     )
+    p.add_argument(
+        "--cuda-graph-prefill-tokens",
+        type=int,
+        default=1024,
+        help="short prefills (prompts, the draft's catch-up) of up to this many tokens in a step "
+        "replay CUDA graphs, padded to a power of two (0 = none)",
+    )
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--engine-seed", type=int, default=0, help="seed of unseeded sampling")
     p.add_argument(
@@ -86,6 +93,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         kv_cache_dtype=a.kv_cache_dtype,
         enable_prefix_caching=not a.no_prefix_caching,
         cuda_graph_max_batch_size=a.cuda_graph_max_batch_size,
+        cuda_graph_prefill_tokens=a.cuda_graph_prefill_tokens,
         attention_backend=a.attention_backend,
         seed=a.engine_seed,
         draft_model=a.draft_model,

@@ -164,6 +164,9 @@ class EngineConfig:
     attention_backend: str | None = None  # None = the fastest available for the device
     # CUDA graphs for decode steps up to this batch size (0 = eager only).
     cuda_graph_max_batch_size: int = 256
+    # CUDA graphs also for short prefills: steps of up to this many tokens in all whose queries
+    # round up to a power of two >= 16 (a short prompt, the draft's catch-up over one); 0 = none.
+    cuda_graph_prefill_tokens: int = 1024
     # Overlapped scheduling: schedule and prepare step N+1 (and detokenize step N) while the GPU
     # runs step N (with a draft model: the steps where speculation is paused). None = on for
     # CUDA; True forces it (also on CPU, where it only reorders work: tests use that), False

@@ -25,6 +25,7 @@ _ENGINE_FLAGS = (
     ("--gpu-memory-utilization", float, "gpu_memory_utilization"),
     ("--kv-cache-dtype", str, "kv_cache_dtype"),
     ("--cuda-graph-max-batch-size", int, "cuda_graph_max_batch_size"),
+    ("--cuda-graph-prefill-tokens", int, "cuda_graph_prefill_tokens"),
 )
 
 

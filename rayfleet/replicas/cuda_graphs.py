@@ -23,8 +23,16 @@ Invariants that make padding invisible to real rows:
   reads;
 - padding requests (slots past the step's batch) are q padding rows with seq_len q.
 
-Anything else (prefill chunks, steps mixing in a longer query, batches larger than the largest
-graph of their q) runs eagerly.
+Short prefills round up. ``prefill_query_lens`` are further q's (powers of two from
+``PREFILL_MIN_Q``; ``prefill_query_lens``) captured for the sizes with size * q <=
+``max_prefill_tokens``: a step whose longest query fits no exact q replays the smallest of them
+that holds it, by the same layout, when the padding at most doubles its tokens (size * q <=
+2 * tokens + q). That takes a short prompt's prefill, or the draft's catch-up over a prompt, off
+the host's eager launch path: at batch 1 each costs the host more (a launch per kernel) than the
+device needs for it.
+
+Anything else (long prefill chunks, steps padding past that bound, batches larger than the
+largest graph of their q) runs eagerly.
 """
 
 from __future__ import annotations
@@ -42,6 +50,21 @@ from rayfleet.replicas.model.forward import AttentionKernels, ForwardBatch
 from rayfleet.replicas.transfer import index_tensor, to_device
 
 logger = logging.getLogger(__name__)
+
+
+# Smallest bucket of the short-prefill graphs: query lengths below it are decode and
+# verification shapes, captured exactly.
+PREFILL_MIN_Q = 16
+
+
+def prefill_query_lens(max_tokens: int, smallest: int = PREFILL_MIN_Q) -> list[int]:
+    """The short-prefill buckets: powers of two from ``smallest`` up to ``max_tokens``."""
+    lens = []
+    q = smallest
+    while q <= max_tokens:
+        lens.append(q)
+        q *= 2
+    return lens
 
 
 def default_capture_sizes(max_num_seqs: int) -> list[int]:
@@ -157,7 +180,8 @@ class DecodeGraphs:
     """Graphs keyed by (padded batch size, query length q); see the module docstring.
 
     ``capture_sizes`` are the batch sizes captured for q = 1; each q in ``query_lens`` (> 1) is
-    captured for the sizes with size * q <= ``max_multi_query_tokens`` (None: all of them).
+    captured for the sizes with size * q <= ``max_multi_query_tokens`` (None: all of them), and
+    each q in ``prefill_query_lens`` for the sizes with size * q <= ``max_prefill_tokens``.
     """
 
     def __init__(
@@ -172,6 +196,8 @@ class DecodeGraphs:
         device: torch.device,
         query_lens: Sequence[int] = (1,),
         max_multi_query_tokens: int | None = None,
+        prefill_query_lens: Sequence[int] = (),
+        max_prefill_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -188,6 +214,14 @@ class DecodeGraphs:
             sizes = [s for s in self.sizes if cap is None or s * q <= cap]
             if sizes:
                 self.sizes_by_q[q] = sizes
+        # q -> batch sizes of the short-prefill buckets (see the module docstring), ascending.
+        self.prefill_sizes_by_q: dict[int, list[int]] = {}
+        for q in sorted(set(prefill_query_lens) - set(self.sizes_by_q)):
+            if q >= 2 * max_seq_len:  # holds nothing a smaller bucket does not
+                continue
+            sizes = [s for s in self.sizes if s * q <= max_prefill_tokens]
+            if sizes:
+                self.sizes_by_q[q] = self.prefill_sizes_by_q[q] = sizes
         self.keys = sorted(
             ((s, q) for q, sizes in self.sizes_by_q.items() for s in sizes),
             key=lambda k: (k[0] * k[1], k[1]),
@@ -201,7 +235,14 @@ class DecodeGraphs:
         self.positions = torch.zeros(n_tok, dtype=torch.int64, device=device)
         self.slot_mapping = torch.zeros(n_tok, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # A short prefill's padding rows extend its context by up to a bucket's q (they attend,
+        # for nobody, over table entries past the request's own: stale block ids, never out of
+        # bounds), so the table has room for that much more past max_seq_len.
+        block_size = kv_caches[0][0].shape[1] if kv_caches else 1
+        extra = -(-max(self.prefill_sizes_by_q, default=0) // block_size)
+        self.block_tables = torch.zeros(
+            n, max_blocks_per_seq + extra, dtype=torch.int32, device=device
+        )
         self.query_start_loc = {
             q: torch.arange(n + 1, dtype=torch.int32, device=device) * q for q in self.sizes_by_q
         }
@@ -228,6 +269,8 @@ class DecodeGraphs:
         max_seq_len: int,
         query_lens: Sequence[int] = (1,),
         max_multi_query_tokens: int | None = None,
+        prefill_query_lens: Sequence[int] = (),
+        max_prefill_tokens: int = 0,
         emulate: bool = False,
     ) -> DecodeGraphs:
         """Capture graphs of ``owner``'s model over its KV caches. ``owner`` is a ModelRunner or
@@ -243,6 +286,8 @@ class DecodeGraphs:
             device=owner.device,
             query_lens=query_lens,
             max_multi_query_tokens=max_multi_query_tokens,
+            prefill_query_lens=prefill_query_lens,
+            max_prefill_tokens=max_prefill_tokens,
         )
         if emulate:
             graphs.emulated = True
@@ -257,7 +302,7 @@ class DecodeGraphs:
             self.seq_lens[:b],
             self.block_tables[:b],
             q,
-            self.max_seq_len,
+            self._padded_max_seq_len(q),
             seq_lens_cpu,
         )
         return self.attn_kernels.batch(meta, self.kv_caches)
@@ -289,30 +334,64 @@ class DecodeGraphs:
         )
 
     def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        return self.fits(
+        """Whether ``run`` replays a graph for this step (a short prefill may round up)."""
+        return self._graph_key(meta, num_tokens) is not None
+
+    def _graph_key(self, meta: AttentionMetadata, num_tokens: int) -> tuple[int, int] | None:
+        return self.graph_for(
             meta.num_seqs,
             meta.max_query_len,
             num_tokens,
             meta.block_tables.shape[1],
             meta.max_seq_len,
+            round_up=True,
         )
 
     def fits(
         self, num_seqs: int, q: int, num_tokens: int, table_width: int, max_seq_len: int
     ) -> bool:
         """Whether a step of ``num_seqs`` requests computing at most ``q`` tokens each
-        (``num_tokens`` in all) replays a graph."""
-        sizes = self.sizes_by_q.get(q)
-        return (
-            (bool(self.graphs) or self.emulated)
-            and sizes is not None
-            and num_seqs <= sizes[-1]
-            and num_tokens <= num_seqs * q
-            and table_width <= self.max_blocks
+        (``num_tokens`` in all) replays the graph of exactly that q (``stage``)."""
+        return self.graph_for(num_seqs, q, num_tokens, table_width, max_seq_len) is not None
+
+    def graph_for(
+        self,
+        num_seqs: int,
+        q: int,
+        num_tokens: int,
+        table_width: int,
+        max_seq_len: int,
+        *,
+        round_up: bool = False,
+    ) -> tuple[int, int] | None:
+        """(padded batch size, q) of the graph a step replays, or None (eager). Its own q when
+        captured; with ``round_up``, a q past every exact one takes the smallest short-prefill
+        bucket that holds it, if the padding at most doubles the step's tokens."""
+        if not (self.graphs or self.emulated) or table_width > self.max_blocks:
+            return None
+        if q in self.sizes_by_q:
+            candidates = [q]
+        elif round_up:
+            candidates = [p for p in self.prefill_sizes_by_q if p > q]
+        else:
+            return None
+        for gq in candidates:
+            size = next((s for s in self.sizes_by_q[gq] if s >= num_seqs), None)
+            if size is None:
+                continue
+            if gq in self.prefill_sizes_by_q and size * gq > 2 * num_tokens + gq:
+                return None  # a larger bucket pads more
             # Padded contexts (start + q) stay within what the block-table buffer and the
             # captured launch shapes cover.
-            and max_seq_len + q - 1 <= self.max_seq_len
-        )
+            if num_tokens <= num_seqs * gq and max_seq_len + gq - 1 <= self._padded_max_seq_len(gq):
+                return size, gq
+            return None
+        return None
+
+    def _padded_max_seq_len(self, q: int) -> int:
+        """Longest padded context (start + q) a graph of this q covers: contexts up to
+        max_seq_len, plus a short-prefill bucket's padding."""
+        return self.max_seq_len + (q - 1 if q in self.prefill_sizes_by_q else 0)
 
     def stage(
         self,
@@ -344,9 +423,10 @@ class DecodeGraphs:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:  # [num_tokens, hidden], rows in the step's order
         """Replay the graph for this step (``can_run`` must hold). No host synchronization."""
-        b, q = meta.num_seqs, meta.max_query_len
-        size = next(s for s in self.sizes_by_q[q] if s >= b)
-        num_tokens = input_ids.shape[0]
+        b, num_tokens = meta.num_seqs, input_ids.shape[0]
+        key = self._graph_key(meta, num_tokens)
+        assert key is not None, "run() needs can_run()"
+        size, q = key
         if num_tokens == b * q:  # every request computes q tokens: the layout is the identity
             src = (input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
             self.stage(src, q)

@@ -389,6 +389,7 @@ class Engine:
                 default_capture_sizes(limit),
                 max_blocks_per_seq=-(-max_len // self.config.cache.block_size) + 1,
                 max_seq_len=max_len,
+                prefill_tokens=self.config.cuda_graph_prefill_tokens,
             )
         except Exception:  # a capture problem costs speed, never the engine
             logger.exception("target CUDA graph capture failed; decode runs eagerly")
@@ -415,6 +416,7 @@ class Engine:
                 max_seq_len=max_len,
                 proposal_k=num_spec,
                 proposal_max_batch=self.config.spec.proposal_graph_max_batch_size,
+                prefill_tokens=self.config.cuda_graph_prefill_tokens,
             )
         except Exception:  # a capture problem costs speed, never the engine
             logger.exception("draft CUDA graph capture failed; the draft runs eagerly")

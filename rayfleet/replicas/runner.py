@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.replicas.cuda_graphs import DecodeGraphs
+from rayfleet.replicas.cuda_graphs import DecodeGraphs, prefill_query_lens
 from rayfleet.replicas.engine.request import max_num_spec_tokens
 from rayfleet.replicas.engine.scheduler import RunnerOutput, SchedulerOutput
 from rayfleet.replicas.model.forward import AttentionKernels, ForwardBatch
@@ -290,14 +290,16 @@ class ModelRunner:
         max_blocks_per_seq: int,
         max_seq_len: int,
         *,
+        prefill_tokens: int = 0,
         emulate: bool = False,
     ) -> None:
         """Capture the target's graphs (CUDA, after allocate_kv_cache): decode steps (one token
         per request) at every size in ``capture_sizes`` and, with a draft model, verification
         steps (at most q = 1 + k tokens per request, padded to q; k = 1..num_speculative_tokens)
-        at the sizes with size * q <= VERIFY_GRAPH_MAX_TOKENS. Other steps (prefill chunks,
-        mixed steps) run eagerly. ``emulate``: no capture, the same padded layouts eagerly (CPU
-        tests)."""
+        at the sizes with size * q <= VERIFY_GRAPH_MAX_TOKENS; short prefills of up to
+        ``prefill_tokens`` tokens in a step, padded to a power of two per request (cuda_graphs.py).
+        Other steps (long prefill chunks, mixed steps) run eagerly. ``emulate``: no capture, the
+        same padded layouts eagerly (CPU tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
             capture_sizes=capture_sizes,
@@ -305,6 +307,8 @@ class ModelRunner:
             max_seq_len=max_seq_len,
             query_lens=range(1, self.num_speculative_tokens + 2),
             max_multi_query_tokens=VERIFY_GRAPH_MAX_TOKENS,
+            prefill_query_lens=prefill_query_lens(prefill_tokens),
+            max_prefill_tokens=prefill_tokens,
             emulate=emulate,
         )
 

@@ -53,6 +53,18 @@ def _owner(model: torch.nn.Module, backend: str) -> SimpleNamespace:
     )
 
 
+def _graphs(owner, **kw) -> DecodeGraphs:
+    """Emulated graphs at batch 1, 2 and 4 over tables of TABLES' width (contexts <= 16)."""
+    return DecodeGraphs.capture_for(
+        owner,
+        capture_sizes=[1, 2, 4],
+        max_blocks_per_seq=len(TABLES[0]) + 1,
+        max_seq_len=len(TABLES[0]) * BS,
+        emulate=True,
+        **kw,
+    )
+
+
 def _step(owner, contexts: list[int], counts: list[int], gen: torch.Generator):
     """Inputs of one step: request i has contexts[i] cached tokens and computes counts[i] more."""
     ids, pos, slots, qsl, seq_lens = [], [], [], [0], []
@@ -75,20 +87,26 @@ def _eager(owner, ids, pos, meta) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(
-    "counts",
+    "counts,contexts",
     [
-        [3, 1, 2],  # verification with 2, 0 and 1 drafts: padded to q = 3, batch 3 -> 4
-        [2, 2],  # every request at q: identity layout
-        [1, 1, 1],  # decode, batch 3 -> 4
+        ([3, 1, 2], [6, 9, 3]),  # verification with 2, 0 and 1 drafts: padded to q = 3, 3 -> 4
+        ([2, 2], [6, 9]),  # every request at q: identity layout
+        ([1, 1, 1], [6, 9, 3]),  # decode, batch 3 -> 4
+        ([5], [3]),  # a short prefill: rounds up to the q = 8 bucket
+        ([4, 6], [2, 1]),  # two of them: q = 8, batch 2
+        ([8], [0]),  # a prompt filling its bucket: identity layout
+        ([5], [9]),  # padded context 17: past max_seq_len, into the table's extra room
     ],
 )
 @torch.inference_mode()
-def test_padded_replay_equals_varlen_step(model, backend: str, counts: list[int]) -> None:
+def test_padded_replay_equals_varlen_step(
+    model, backend: str, counts: list[int], contexts: list[int]
+) -> None:
     gen = torch.Generator().manual_seed(len(counts) * 10 + sum(counts))
     owner = _owner(model, backend)
-    contexts = [6, 9, 3][: len(counts)]
     # Prefill the contexts (and some garbage in the null block, which padding rows may read).
-    _eager(owner, *_step(owner, [0] * len(counts), contexts, gen))
+    if any(contexts):
+        _eager(owner, *_step(owner, [0] * len(counts), contexts, gen))
     for k, v in owner.kv_caches:
         k[0].normal_(generator=gen)
         v[0].normal_(generator=gen)
@@ -100,13 +118,11 @@ def test_padded_replay_equals_varlen_step(model, backend: str, counts: list[int]
     for (k, v), (k0, v0) in zip(owner.kv_caches, before):
         k.copy_(k0)
         v.copy_(v0)
-    graphs = DecodeGraphs.capture_for(
+    graphs = _graphs(
         owner,
-        capture_sizes=[1, 2, 4],
-        max_blocks_per_seq=len(TABLES[0]) + 1,
-        max_seq_len=len(TABLES[0]) * BS,
         query_lens=(1, 2, 3),
-        emulate=True,
+        prefill_query_lens=(8,),
+        max_prefill_tokens=16,
     )
     # Stale static inputs, as an earlier replay leaves them: the replay must overwrite what
     # it reads (a stale slot here is a real slot of request 2, past its context).
@@ -115,6 +131,11 @@ def test_padded_replay_equals_varlen_step(model, backend: str, counts: list[int]
     graphs.seq_lens.fill_(len(TABLES[0]) * BS)
     graphs.block_tables.fill_(TABLES[1][2])
     assert graphs.can_run(meta, ids.shape[0])
+    n, width, longest = sum(counts), len(TABLES[0]), max(meta.seq_lens_cpu)
+    assert graphs.graph_for(len(counts), max(counts), n, width, longest, round_up=True) == (
+        {1: 1, 2: 2, 3: 4}[len(counts)],
+        8 if max(counts) > 3 else max(counts),
+    )
     got = graphs.run(ids, pos, meta)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     written = torch.zeros(NUM_BLOCKS * BS, dtype=torch.bool)
@@ -131,14 +152,10 @@ def test_padded_replay_equals_varlen_step(model, backend: str, counts: list[int]
 
 def test_can_run_only_captured_shapes(model) -> None:
     owner = _owner(model, "torch")
-    graphs = DecodeGraphs.capture_for(
+    graphs = _graphs(
         owner,
-        capture_sizes=[1, 2, 4],
-        max_blocks_per_seq=len(TABLES[0]) + 1,
-        max_seq_len=len(TABLES[0]) * BS,
         query_lens=(1, 3),
         max_multi_query_tokens=6,  # q = 3 only up to batch 2
-        emulate=True,
     )
     assert graphs.sizes_by_q == {1: [1, 2, 4], 3: [1, 2]}
     gen = torch.Generator().manual_seed(0)
@@ -150,3 +167,37 @@ def test_can_run_only_captured_shapes(model) -> None:
     assert not graphs.can_run(meta, ids.shape[0])  # q = 2 not captured
     ids, _, meta = _step(owner, [12, 4], [3, 1], gen)
     assert not graphs.can_run(meta, ids.shape[0])  # padded context 15 + 3 - 1 > 16
+
+
+def test_short_prefills_round_up_to_a_bucket(model) -> None:
+    owner = _owner(model, "torch")
+    graphs = _graphs(
+        owner,
+        query_lens=(1, 2),
+        prefill_query_lens=(4, 8, 32),  # 32 >= 2 * max_seq_len: not captured
+        max_prefill_tokens=16,
+    )
+    assert graphs.sizes_by_q == {1: [1, 2, 4], 2: [1, 2, 4], 4: [1, 2, 4], 8: [1, 2]}
+    assert graphs.prefill_sizes_by_q == {4: [1, 2, 4], 8: [1, 2]}
+    gen = torch.Generator().manual_seed(1)
+
+    def key(contexts, counts):
+        """(graph a replay takes, graph the exact-q staging takes) of this step."""
+        ids, _, meta = _step(owner, contexts, counts, gen)
+        args = (len(counts), max(counts), sum(counts), 4, max(meta.seq_lens_cpu))
+        rounded = graphs.graph_for(*args, round_up=True)
+        assert graphs.can_run(meta, ids.shape[0]) == (rounded is not None)
+        return rounded, graphs.graph_for(*args)
+
+    assert key([2], [5]) == ((1, 8), None)  # rounds up; staging (exact q) does not take it
+    assert key([2], [3]) == ((1, 4), None)
+    assert key([2, 2], [4, 4]) == ((2, 4), (2, 4))  # a bucket's own q is exact
+    assert key([2, 2], [2, 1]) == ((2, 2), (2, 2))  # exact q: no padding bound
+    # q = 3 rounds to 4 at batch 3 -> 4: 16 rows for 5 tokens pads past twice the tokens + q
+    assert key([2, 2, 2], [3, 1, 1]) == (None, None)
+    assert key([2, 2, 2], [3, 3, 3]) == ((4, 4), None)  # 16 rows for 9 tokens
+    assert key([1], [9]) == (None, None)  # past every bucket
+    # padding may extend a context past max_seq_len (16) by up to its bucket's q - 1
+    assert graphs.graph_for(1, 5, 5, 4, 16, round_up=True) == (1, 8)
+    assert graphs.graph_for(1, 5, 5, 4, 17, round_up=True) is None
+    assert graphs.graph_for(1, 2, 2, 4, 17) is None  # an exact q gets no such room

@@ -218,9 +218,12 @@ def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
     k = eng.runner.num_speculative_tokens
     max_len = eng.max_model_len + k
     blocks = -(-max_len // BS) + 1
-    eng.runner.enable_cuda_graphs(list(sizes), blocks, max_len, emulate=True)
+    # short prefills (prompts, the draft's catch-ups) round up to the q = 16 and 32 buckets
+    eng.runner.enable_cuda_graphs(list(sizes), blocks, max_len, prefill_tokens=32, emulate=True)
     proposer = eng.runner.proposer
-    proposer.enable_cuda_graphs(list(sizes), blocks, max_len, proposal_k=k, emulate=True)
+    proposer.enable_cuda_graphs(
+        list(sizes), blocks, max_len, proposal_k=k, prefill_tokens=32, emulate=True
+    )
     replays: Counter = Counter()
     whole = proposer.proposal_graphs
     run = whole.run
@@ -293,6 +296,8 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, grap
         # greedy ones a whole-proposal graph
         assert replays["draft", 1] and any(m == "proposal" for m, _ in replays)
         assert any(m == "chained" for m, _ in replays)
+        # prompts and the draft's catch-ups after switched-off steps replay a prefill bucket
+        assert replays["target", 16] and replays["draft", 16]
 
 
 def test_penalized_greedy_equals_no_spec(models_dir) -> None:

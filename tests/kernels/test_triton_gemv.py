@@ -372,6 +372,24 @@ def test_fp8_weight_matches_reference(
         assert bool((err <= 2.0**-7 * exact.abs() + 1e-3 * scale.max() * k**0.5).all()), err.max()
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_fp8_weight_widens_every_code_exactly(m: int, device: str) -> None:
+    """The FMA kernel's widening of FP8 bytes: every e4m3fn code but NaN (both signs,
+    subnormals, zeros, the largest 448), as row i's only weight, comes out as torch's
+    conversion of it."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    w = torch.zeros(codes.numel(), 16, dtype=torch.uint8)
+    w[:, 3] = codes
+    w = w.view(torch.float8_e4m3fn).to(device)
+    x = torch.zeros(m, 16, device=device)
+    x[:, 3] = 1.0
+    scale = torch.ones(codes.numel(), device=device)
+    assert triton_gemv.kernel_for(m, codes.numel(), triton_gemv.NONE, x.dtype, fp8=True) == "fma"
+    y, _ = triton_gemv.gemv(x, w, weight_scale=scale)
+    want = codes.view(torch.float8_e4m3fn).float().to(device)
+    assert torch.equal(y, want.expand(m, -1))
+
+
 def test_fp8_weight_needs_its_scales(gen: torch.Generator, device: str) -> None:
     from rayfleet.replicas.quant.fp8 import quantize_weight
 

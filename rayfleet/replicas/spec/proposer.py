@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rayfleet.kernels.attention_ref import AttentionMetadata
-from rayfleet.replicas.cuda_graphs import DecodeGraphs
+from rayfleet.replicas.cuda_graphs import DecodeGraphs, prefill_query_lens
 from rayfleet.replicas.model.forward import AttentionKernels
 from rayfleet.replicas.runner import (
     allocate_kv_tensors,
@@ -180,20 +180,24 @@ class DraftProposer:
         *,
         proposal_k: int = 0,
         proposal_max_batch: int = MAX_BATCH,
+        prefill_tokens: int = 0,
         emulate: bool = False,
     ) -> None:
         """Capture graphs for the draft (CUDA; after allocate_kv_cache): the single-token forwards
         2..k of a proposal, and its first forward when it feeds at most 3 tokens per request
-        (``DRAFT_GRAPH_QUERY_LENS``); with ``proposal_k`` > 0, also whole greedy proposals of up
-        to that many drafts, at the capture sizes up to ``proposal_max_batch`` (and MAX_BATCH;
-        spec/proposal_graphs.py). ``emulate``: no capture, the same padded layouts eagerly (CPU
-        tests)."""
+        (``DRAFT_GRAPH_QUERY_LENS``) or, padded to a power of two, up to ``prefill_tokens`` in
+        all (a catch-up over a prompt; cuda_graphs.py); with ``proposal_k`` > 0, also whole
+        greedy proposals of up to that many drafts, at the capture sizes up to
+        ``proposal_max_batch`` (and MAX_BATCH; spec/proposal_graphs.py). ``emulate``: no
+        capture, the same padded layouts eagerly (CPU tests)."""
         self.graphs = DecodeGraphs.capture_for(
             self,
             capture_sizes=capture_sizes,
             max_blocks_per_seq=max_blocks_per_seq,
             max_seq_len=max_seq_len,
             query_lens=DRAFT_GRAPH_QUERY_LENS,
+            prefill_query_lens=prefill_query_lens(prefill_tokens),
+            max_prefill_tokens=prefill_tokens,
             emulate=emulate,
         )
         self.proposal_graphs = None
