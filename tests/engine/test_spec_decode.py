@@ -22,6 +22,7 @@ import dataclasses
 import json
 import random
 import shutil
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -225,27 +226,22 @@ def emulate_graphs(llm: LLM, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Counter:
         list(sizes), blocks, max_len, proposal_k=k, prefill_tokens=32, emulate=True
     )
     replays: Counter = Counter()
+    # The wrappers reach the originals through weak references: an instance attribute holding
+    # its own object's bound method is a reference cycle, which the engine's gc.freeze() makes
+    # uncollectable (the engine, and its KV pools, would outlive the test).
     whole = proposer.proposal_graphs
-    run = whole.run
-
-    def counted_run(reqs, key, run=run):
-        replays["proposal", key[2]] += 1
-        return run(reqs, key)
-
-    whole.run = counted_run
-    run_chained = whole.run_chained
-
-    def counted_chained(reqs, key, *args, run=run_chained):
-        replays["chained", key[2]] += 1
-        return run(reqs, key, *args)
-
-    whole.run_chained = counted_chained
+    run = weakref.WeakMethod(whole.run)
+    whole.run = lambda reqs, key: replays.update([("proposal", key[2])]) or run()(reqs, key)
+    chained = weakref.WeakMethod(whole.run_chained)
+    whole.run_chained = lambda reqs, key, *a: (
+        replays.update([("chained", key[2])]) or chained()(reqs, key, *a)
+    )
     for name, graphs in (("target", eng.runner.graphs), ("draft", eng.runner.proposer.graphs)):
-        replay = graphs._replay
+        replay = weakref.WeakMethod(graphs._replay)
 
         def counted(size, q, seq_lens, name=name, replay=replay):
             replays[name, q] += 1
-            return replay(size, q, seq_lens)
+            return replay()(size, q, seq_lens)
 
         graphs._replay = counted
     return replays
@@ -298,6 +294,34 @@ def test_draft_kv_stays_valid_under_random_switching(models_dir, seed: int, grap
         assert any(m == "chained" for m, _ in replays)
         # prompts and the draft's catch-ups after switched-off steps replay a prefill bucket
         assert replays["target", 16] and replays["draft", 16]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_dropping_the_llm_frees_both_kv_pools(models_dir, graphs: bool) -> None:
+    """The engine freezes the heap after start-up (gc.freeze(): no collection pauses in the
+    middle of a step), so no collection ever frees a reference cycle through engine objects:
+    the engine must hold none, or an LLM dropped in a long-lived process keeps its KV pools.
+    Dropping the last reference frees the target's and the draft's KV tensors at once."""
+    llm = LLM(
+        str(models_dir["target"]),
+        dtype="float32",
+        block_size=BS,
+        draft_model=str(models_dir["other"]),
+        num_speculative_tokens=3,
+    )  # (the adaptive policy)
+    runner = llm.engine.runner
+    if graphs:  # (emulated: the padded layouts and whole-proposal graphs, no wrappers)
+        max_len = llm.engine.max_model_len + 3
+        blocks = -(-max_len // BS) + 1
+        runner.enable_cuda_graphs([1, 2, 4], blocks, max_len, prefill_tokens=32, emulate=True)
+        runner.proposer.enable_cuda_graphs(
+            [1, 2, 4], blocks, max_len, proposal_k=3, prefill_tokens=32, emulate=True
+        )
+    assert all(o.spec.num_drafted for o in llm.generate(PROMPTS, GREEDY))
+    held = [weakref.ref(runner), weakref.ref(runner.kv_caches[0][0])]
+    held.append(weakref.ref(runner.proposer.kv_caches[-1][1]))
+    del runner, llm
+    assert [r() for r in held] == [None, None, None]
 
 
 def test_penalized_greedy_equals_no_spec(models_dir) -> None:

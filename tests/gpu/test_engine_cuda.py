@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -111,9 +112,10 @@ def test_whole_proposal_graphs_keep_self_speculation_exact(tmp_path: Path) -> No
     assert len(graphs.graphs) == len(graphs.sizes) * 2 * 5  # q 1/2, k 1..5
     assert llm.engine.memory_report["draft_cuda_graph_bytes"] > 0
     runs = []
-    run, run_chained = graphs.run, graphs.run_chained
-    graphs.run = lambda reqs, key: runs.append(key) or run(reqs, key)
-    graphs.run_chained = lambda reqs, key, *a: runs.append(key) or run_chained(reqs, key, *a)
+    # (weak: a cycle through the engine would keep its KV pool, tests/engine/test_spec_decode.py)
+    run, run_chained = weakref.WeakMethod(graphs.run), weakref.WeakMethod(graphs.run_chained)
+    graphs.run = lambda reqs, key: runs.append(key) or run()(reqs, key)
+    graphs.run_chained = lambda reqs, key, *a: runs.append(key) or run_chained()(reqs, key, *a)
     # k varies per request (the shorter rows' forwards past their last draft write the null slot)
     llm.engine.runner.spec_policy = FixedSpecPolicy(
         5, {f"req-{i}": k for i, k in enumerate([5, 2, 4, 1])}
@@ -148,18 +150,20 @@ def test_chained_proposals_on_cuda_draft_what_proposing_after_the_result_does(
     runner = llm.engine.runner
     chained = []
     graphs = runner.proposer.proposal_graphs
-    run_chained = graphs.run_chained
-    graphs.run_chained = lambda reqs, key, *a: chained.append(key) or run_chained(reqs, key, *a)
-    sample = runner._sample
+    # (weak references: a cycle through the engine would keep its KV pool)
+    run_chained = weakref.WeakMethod(graphs.run_chained)
+    graphs.run_chained = lambda reqs, key, *a: chained.append(key) or run_chained()(reqs, key, *a)
+    sample = weakref.WeakMethod(runner._sample)
     verified: list[dict] = []
 
     def recording(logits, rids, num_spec, out, *args):
+        requests = sample().__self__.requests
         for rid, k in zip(rids, num_spec):
-            st = runner.requests[rid]
+            st = requests[rid]
             if k:
                 # (keyed by the tokens alone: the second run's requests get new ids)
                 verified[-1][tuple(st.token_ids)] = list(st.spec_token_ids[:k])
-        return sample(logits, rids, num_spec, out, *args)
+        return sample()(logits, rids, num_spec, out, *args)
 
     runner._sample = recording
     for chain in (False, True):
