@@ -27,9 +27,9 @@ Short prefills round up. ``prefill_query_lens`` are further q's (powers of two f
 ``PREFILL_MIN_Q``; ``prefill_query_lens``) captured for the sizes with size * q <=
 ``max_prefill_tokens``: a step whose longest query fits no exact q replays the smallest of them
 that holds it, by the same layout, when the padding at most doubles its tokens (size * q <=
-2 * tokens + q). That takes a short prompt's prefill, or the draft's catch-up over a prompt, off
-the host's eager launch path: at batch 1 each costs the host more (a launch per kernel) than the
-device needs for it.
+2 * tokens + q) and adds at most ``PREFILL_MAX_PADDING`` rows. That takes a short prompt's
+prefill, or the draft's catch-up over a prompt, off the host's eager launch path: at batch 1
+each costs the host more (a launch per kernel) than the device needs for it.
 
 Anything else (long prefill chunks, steps padding past that bound, batches larger than the
 largest graph of their q) runs eagerly.
@@ -55,6 +55,12 @@ logger = logging.getLogger(__name__)
 # Smallest bucket of the short-prefill graphs: query lengths below it are decode and
 # verification shapes, captured exactly.
 PREFILL_MIN_Q = 16
+# Most padding rows a step may take to replay a short-prefill graph. A padding row costs what a
+# real one does, and a prefill of a few hundred tokens is compute-bound on an 8B target, so
+# padding trades against the host's eager launch time (milliseconds) only up to a few hundred
+# rows: a 513-token prompt runs eagerly rather than as 1024. (A bound from that reasoning, not
+# from a measured crossover.)
+PREFILL_MAX_PADDING = 256
 
 
 def prefill_query_lens(max_tokens: int, smallest: int = PREFILL_MIN_Q) -> list[int]:
@@ -366,7 +372,8 @@ class DecodeGraphs:
     ) -> tuple[int, int] | None:
         """(padded batch size, q) of the graph a step replays, or None (eager). Its own q when
         captured; with ``round_up``, a q past every exact one takes the smallest short-prefill
-        bucket that holds it, if the padding at most doubles the step's tokens."""
+        bucket that holds it, if the padding at most doubles the step's tokens and stays within
+        PREFILL_MAX_PADDING rows."""
         if not (self.graphs or self.emulated) or table_width > self.max_blocks:
             return None
         if q in self.sizes_by_q:
@@ -379,7 +386,10 @@ class DecodeGraphs:
             size = next((s for s in self.sizes_by_q[gq] if s >= num_seqs), None)
             if size is None:
                 continue
-            if gq in self.prefill_sizes_by_q and size * gq > 2 * num_tokens + gq:
+            padding = size * gq - num_tokens
+            if gq in self.prefill_sizes_by_q and padding > min(
+                num_tokens + gq, PREFILL_MAX_PADDING
+            ):
                 return None  # a larger bucket pads more
             # Padded contexts (start + q) stay within what the block-table buffer and the
             # captured launch shapes cover.

@@ -40,7 +40,7 @@ from rayfleet import kernels
 from rayfleet.config import EngineConfig
 from rayfleet.kernels import attention_flash, choose_attention_backend
 from rayfleet.outputs import RequestOutput, SpecStats
-from rayfleet.replicas.cuda_graphs import default_capture_sizes
+from rayfleet.replicas.cuda_graphs import default_capture_sizes, prefill_query_lens
 from rayfleet.replicas.detokenizer import IncrementalDetokenizer
 from rayfleet.replicas.engine.request import Request, RequestStatus
 from rayfleet.replicas.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
@@ -265,7 +265,11 @@ class Engine:
         # attention backend)
         step_io_warm_up = kernels.get_fused("step_io_warm_up", "triton")
         if step_io_warm_up is not None and self.device.type == "cuda":
-            step_io_warm_up(self.dtype, self.device, self.model.arch.vocab_size, num_spec + 1)
+            # (query lengths up to the largest short-prefill bucket: a prompt or a catch-up that
+            # fills its bucket exactly is staged like a decode step)
+            buckets = prefill_query_lens(config.cuda_graph_prefill_tokens)
+            max_q = max([num_spec + 1, *buckets])
+            step_io_warm_up(self.dtype, self.device, self.model.arch.vocab_size, max_q)
         if self._cuda_graphs_usable():
             self._capture_target_graphs(num_spec)
             if proposer is not None:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rayfleet.replicas import cuda_graphs
 from rayfleet.replicas.cuda_graphs import DecodeGraphs, uniform_query_layout
 from rayfleet.replicas.model import ForwardBatch
 from rayfleet.replicas.model.forward import AttentionKernels
@@ -95,7 +96,8 @@ def _eager(owner, ids, pos, meta) -> torch.Tensor:
         ([5], [3]),  # a short prefill: rounds up to the q = 8 bucket
         ([4, 6], [2, 1]),  # two of them: q = 8, batch 2
         ([8], [0]),  # a prompt filling its bucket: identity layout
-        ([5], [9]),  # padded context 17: past max_seq_len, into the table's extra room
+        ([5], [9]),  # padded context 17: past max_seq_len (16)
+        ([5, 1], [3, 15]),  # a decode row padded to context 23: into the table's extra columns
     ],
 )
 @torch.inference_mode()
@@ -169,7 +171,7 @@ def test_can_run_only_captured_shapes(model) -> None:
     assert not graphs.can_run(meta, ids.shape[0])  # padded context 15 + 3 - 1 > 16
 
 
-def test_short_prefills_round_up_to_a_bucket(model) -> None:
+def test_short_prefills_round_up_to_a_bucket(model, monkeypatch) -> None:
     owner = _owner(model, "torch")
     graphs = _graphs(
         owner,
@@ -201,3 +203,6 @@ def test_short_prefills_round_up_to_a_bucket(model) -> None:
     assert graphs.graph_for(1, 5, 5, 4, 16, round_up=True) == (1, 8)
     assert graphs.graph_for(1, 5, 5, 4, 17, round_up=True) is None
     assert graphs.graph_for(1, 2, 2, 4, 17) is None  # an exact q gets no such room
+    monkeypatch.setattr(cuda_graphs, "PREFILL_MAX_PADDING", 2)  # (256 rows as shipped)
+    assert key([2], [5]) == (None, None)  # 3 padding rows
+    assert key([2], [6]) == ((1, 8), None)

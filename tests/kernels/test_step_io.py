@@ -87,7 +87,15 @@ def _dst(device: str, size: int, q: int, width: int) -> tuple[torch.Tensor, ...]
 
 @pytest.mark.parametrize(
     ("b", "q", "size", "w", "fill"),
-    [(1, 1, 1, 1, True), (3, 1, 4, 5, True), (2, 3, 4, 17, False), (5, 4, 8, 1100, True)],
+    [
+        (1, 1, 1, 1, True),
+        (3, 1, 4, 5, True),
+        (2, 3, 4, 17, False),
+        (5, 4, 8, 1100, True),
+        # short-prefill buckets (cuda_graphs.py): a prompt filling its bucket is staged too
+        (1, 128, 1, 9, True),
+        (2, 32, 4, 3, False),
+    ],
 )
 @pytest.mark.parametrize("where", ["host", "device"])
 def test_stage_step_inputs_matches_reference(
