@@ -661,7 +661,7 @@ class ModelRunner:
         rows = [self._sampler_row(st) for _, st in states]
         host = None
         if self.device.type == "cuda":  # (the sampler stores the ids there too, in stream order)
-            host = self._token_out.take(8 * len(rows))[: 8 * len(rows)].view(torch.int64)
+            host = self._token_out.take_ids(len(rows))
         tokens = self.sampler.sample_on_device(logits, rows, host)  # [R] int64
         self._token_out.queued()
         if timing is not None:
@@ -981,7 +981,7 @@ class ModelRunner:
         num_rows = logits.shape[0]
         host = None
         if self.device.type == "cuda":
-            host = self._token_out.take(8 * num_rows)[: 8 * num_rows].view(torch.int64)
+            host = self._token_out.take_ids(num_rows)
         best = argmax_rows(logits, host)
         self._token_out.queued()
         ready = None

@@ -119,6 +119,10 @@ class PinnedStaging:
             self._bufs[self._i] = buf
         return buf
 
+    def take_ids(self, n: int) -> torch.Tensor:  # [n] int64
+        """The next buffer as n int64 token ids (a kernel or a copy stores them there)."""
+        return self.take(8 * n)[: 8 * n].view(torch.int64)
+
     def stage(
         self, parts: Sequence[tuple[Sequence[int] | Sequence[float] | np.ndarray, torch.dtype]]
     ) -> list[torch.Tensor]:

@@ -379,7 +379,7 @@ class DraftProposer:
         if history is not None:  # penalties read the ids on the host every forward
             out._host = history
         elif self.device.type == "cuda":  # the proposal's one synchronization, deferred
-            host = self._ids_out.take(8 * drafts.numel()).view(torch.int64)[: drafts.numel()]
+            host = self._ids_out.take_ids(drafts.numel())
             host.copy_(drafts.view(-1), non_blocking=True)
             out._host, out._ready = host, torch.cuda.Event()
             out._ready.record()
