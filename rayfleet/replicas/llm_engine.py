@@ -265,9 +265,13 @@ class Engine:
         # attention backend)
         step_io_warm_up = kernels.get_fused("step_io_warm_up", "triton")
         if step_io_warm_up is not None and self.device.type == "cuda":
-            # (query lengths up to the largest short-prefill bucket: a prompt or a catch-up that
-            # fills its bucket exactly is staged like a decode step)
-            buckets = prefill_query_lens(config.cuda_graph_prefill_tokens)
+            # (with graphs, query lengths up to the largest short-prefill bucket: a prompt or a
+            # catch-up that fills its bucket exactly is staged like a decode step)
+            buckets = (
+                prefill_query_lens(config.cuda_graph_prefill_tokens)
+                if self._cuda_graphs_usable()
+                else []
+            )
             max_q = max([num_spec + 1, *buckets])
             step_io_warm_up(self.dtype, self.device, self.model.arch.vocab_size, max_q)
         if self._cuda_graphs_usable():
