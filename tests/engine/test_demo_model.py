@@ -10,11 +10,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rayfleet import LLM, SamplingParams
 from rayfleet.config import default_demo_model
+from tests.engine.test_engine_vs_transformers import hf_greedy
 
 DEMO = Path(default_demo_model()).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,21 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_greedy_equals_transformers(which: str) -> None:
     d = DEMO / which
     tok = AutoTokenizer.from_pretrained(d)
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompts = ["def fibonacci(n):", "import os\nclass Config:", "for i in range("]
     llm = LLM(str(d), dtype="float32")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    for p, o in zip(prompts, outs):
-        ids = torch.tensor([tok.encode(p)])
-        with torch.no_grad():
-            ref = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=24,
-                min_new_tokens=24,
-                do_sample=False,
-            )
-        assert o.token_ids == ref[0, ids.shape[1] :].tolist()
+    assert [o.token_ids for o in outs] == hf_greedy(d, [tok.encode(p) for p in prompts], 24)
 
 
 def test_demo_is_the_default_and_fits_the_size_budget() -> None:

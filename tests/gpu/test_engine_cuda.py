@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rayfleet import LLM, SamplingParams
+from tests.engine.test_engine_vs_transformers import hf_greedy
 from tests.model_factory import make_tiny_model
 
 pytestmark = [
@@ -33,20 +34,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(20, 57)), [3], list(range(100, 11
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 def test_greedy_fp32_cuda_matches_transformers(tmp_path: Path, arch, kw, backend) -> None:
     model_dir = make_tiny_model(tmp_path / arch, arch, **kw)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
-    ref = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = torch.tensor([p], device="cuda")
-            out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=10,
-                min_new_tokens=10,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            ref.append(out[0, len(p) :].tolist())
+    ref = hf_greedy(model_dir, PROMPTS, 10, device="cuda")
     llm = LLM(
         str(model_dir),
         dtype="float32",
